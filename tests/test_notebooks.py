@@ -1,0 +1,123 @@
+"""Papermill smoke runs of the notebooks and tests of the model loading and activation cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import helpers as h
+import report
+
+NB = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def run_stage(name: str, run_dir: Path, **overrides) -> dict:
+    """Run notebook `name` with the smoke profile into run_dir; return the JSON it wrote."""
+    params = {**report.load_profile("smoke"), "run_dir": str(run_dir),
+              "figures_dir": str(run_dir / "figures"), **overrides}
+    report.run(NB / f"{name}.ipynb", run_dir / "executed" / f"{name}.ipynb", params)
+    return json.loads((run_dir / f"{name}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("smoke")
+    run_stage("00_language_model", run_dir)
+    run_stage("01_cache_activations", run_dir)
+    return run_dir
+
+
+def test_00_trains_and_saves_a_bootable_model(smoke):
+    res = json.loads((smoke / "00_language_model.json").read_text())
+    model_dir = smoke / "model"
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "meta.json"):
+        assert (model_dir / f).is_file(), f
+    assert res["vocab"] == 512 and res["n_params"] > 10_000
+    assert np.isfinite(res["heldout_loss"]) and res["heldout_loss"] < np.log(512)
+    assert 0 < res["unigram_entropy"] < np.log(512)
+    assert (smoke / "figures" / "00_lm_loss.png").is_file()
+    assert (smoke / "figures" / "00_lm_loss.pdf").is_file()
+    assert not list(smoke.glob("*.tmp"))
+
+
+def test_01_caches_the_requested_vectors_and_layer_statistics(smoke):
+    res = json.loads((smoke / "01_cache_activations.json").read_text())
+    train = np.load(smoke / "acts_train.npy", mmap_mode="r")
+    held = np.load(smoke / "acts_heldout.npy", mmap_mode="r")
+    assert train.shape == (4000, 32) and held.shape == (1000, 32)
+    assert np.isfinite(train).all() and train.std() > 0
+    assert res["hook"] == "blocks.1.hook_resid_post" and len(res["layer_stats"]) == 2
+    stats = res["cached_layer"]
+    assert stats["mean_norm"] == pytest.approx(float(np.linalg.norm(held.mean(0))), rel=0.3)
+    assert abs(stats["cos_centered"]) < stats["cos_raw"]
+
+
+def test_rerun_reuses_the_model_and_the_cache(smoke):
+    npy = smoke / "acts_train.npy"
+    before = npy.stat().st_mtime_ns
+    res00 = run_stage("00_language_model", smoke)
+    run_stage("01_cache_activations", smoke)
+    assert res00["reused"] is True
+    assert npy.stat().st_mtime_ns == before  # not rewritten
+
+
+def test_cache_matches_the_model_and_refuses_other_metadata(smoke, tmp_path):
+    bridge = h.boot_model(str(smoke / "model"), "cpu")
+    windows = np.arange(6 * 32, dtype=np.int32).reshape(6, 32) % 500
+    meta = {"model_name": "t", "hook": "blocks.0.hook_resid_post", "dtype": "float32"}
+    path = tmp_path / "a.npy"
+    acts = h.cache_activations(bridge, windows, path, meta, meta["hook"], 100, 4, True)
+    _, cache = bridge.run_with_cache(torch.from_numpy(windows[:4].astype(np.int64)),
+                                     names_filter=[meta["hook"]])
+    ref = cache[meta["hook"]][:, 1:].reshape(-1, 32)[:100]
+    assert np.allclose(acts, ref.numpy(), atol=1e-5)
+    assert h.load_cache(path, meta) is not None
+    assert h.load_cache(path, {**meta, "dtype": "float16"}) is None
+    assert h.load_cache(path, {**meta, "n_tokens": 99}) is None
+    with pytest.raises(ValueError, match="needs"):
+        h.token_windows(windows.reshape(-1), 32, 10_000, True)
+
+
+def test_an_interrupted_cache_is_never_taken_for_a_whole_one(smoke, tmp_path):
+    bridge = h.boot_model(str(smoke / "model"), "cpu")
+    calls = {"n": 0}
+    real = bridge.run_with_cache
+
+    def dies_on_second_batch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    bridge.run_with_cache = dies_on_second_batch
+    meta = {"model_name": "t", "hook": "blocks.0.hook_resid_post"}
+    windows = np.zeros((8, 32), dtype=np.int32)
+    with pytest.raises(KeyboardInterrupt):
+        h.cache_activations(bridge, windows, tmp_path / "a.npy", meta, meta["hook"], 200, 2)
+    assert not (tmp_path / "a.npy").exists() and not (tmp_path / "a.json").exists()
+    assert h.load_cache(tmp_path / "a.npy", meta) is None
+
+
+def test_loading_fails_loudly_without_tokenizer_or_hub(smoke, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(smoke / "model" / f, bare / f)
+    with pytest.raises((RuntimeError, OSError, ValueError), match="(?i)tokenizer"):
+        h.boot_model(str(bare), "cpu")
+    with pytest.raises(RuntimeError, match="local HuggingFace-format folder"):
+        h.boot_model("EleutherAI/pythia-70m-deduped", "cpu")  # HF_HUB_OFFLINE=1 in conftest
+
+
+def test_bad_parameters_fail_before_heavy_work(tmp_path):
+    with pytest.raises(SystemExit, match="unknown"):
+        report.load_profile("nope")
+    with pytest.raises(SystemExit, match="unknown parameter.*n_layerz"):
+        report.check_params({"n_layerz": 3}, sorted(NB.glob("[0-9][0-9]_*.ipynb")))
+    with pytest.raises(Exception, match="hook='resid'"):
+        run_stage("01_cache_activations", tmp_path, hook="resid")
