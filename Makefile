@@ -15,7 +15,7 @@ EXECUTED := $(addprefix $(REPORT_DIR)/,$(notdir $(NOTEBOOKS)))
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
@@ -33,12 +33,12 @@ check-profile: $(STAMP)
 # an earlier stage changed. The caches under runs/ skip work whose parameters did not change.
 report: check-profile
 	@if [ -z "$(NOTEBOOKS)" ]; then echo "make report: no notebooks under notebooks/ yet; nothing to run"; \
-	else $(MAKE) --no-print-directory html PROFILE=$(PROFILE); fi
+	else $(MAKE) --no-print-directory html PROFILE=$(PROFILE) && $(PY) report.py readme; fi
 
 html: $(EXECUTED:.ipynb=.html)
 
 $(REPORT_DIR)/%.html: $(REPORT_DIR)/%.ipynb
-	$(PY) -m nbconvert --to html --embed-images --log-level WARN $< --output $(notdir $@)
+	$(PY) report.py html $<
 
 define stage
 $(REPORT_DIR)/$(notdir $(1)): $(1) params/$(PROFILE).yaml helpers.py $(2)
@@ -52,6 +52,7 @@ $(foreach i,$(shell seq 1 $(words $(NOTEBOOKS))),$(eval $(call stage,$(word $(i)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_cache.py
 
 clean:
 	rm -rf runs/ .pytest_cache __pycache__ tests/__pycache__

@@ -215,13 +215,14 @@ def kmeans_centroids(x: torch.Tensor | np.ndarray, n_centroids: int, seed: int,
 
 
 def initial_atoms(arch: str, init: str, x: torch.Tensor, n_atoms: int, seed: int,
-                  shared_seed: int = 0) -> torch.Tensor:
+                  shared_seed: int = 0, shared_atoms: torch.Tensor | None = None) -> torch.Tensor:
     """Starting atoms (TopK decoder) or candidates (RA-SAE) for one run.
 
     random: seeded Gaussian (for RA-SAE, a Gaussian cloud with the data's per-dimension mean
     and std); kmeans-shared: k-means with ``shared_seed`` (identical for every run);
     kmeans-independent: k-means with the run's own seed; random-points (RA-SAE only): activation
-    vectors drawn with the run's own seed.
+    vectors drawn with the run's own seed. ``shared_atoms``, when given, are the precomputed
+    kmeans-shared centroids (computed once for a whole grid instead of once per run).
     """
     check_choice("arch", arch, ARCHITECTURES)
     check_choice("init", init, INITS[arch])
@@ -231,12 +232,16 @@ def initial_atoms(arch: str, init: str, x: torch.Tensor, n_atoms: int, seed: int
         return noise if arch == "topk" else x.mean(0) + noise * x.std(0)
     if init == "random-points":
         return x[torch.randperm(len(x), generator=gen)[:n_atoms]].clone()
+    if init == "kmeans-shared" and shared_atoms is not None:
+        if len(shared_atoms) < n_atoms:
+            raise ValueError(f"shared_atoms has {len(shared_atoms)} rows, fewer than {n_atoms}")
+        return shared_atoms[:n_atoms].clone()
     return kmeans_centroids(x, n_atoms, shared_seed if init == "kmeans-shared" else seed)
 
 
 def make_sae(arch: str, init: str, x: torch.Tensor, n_latents: int, k: int, seed: int,
              n_candidates: int | None = None, delta: float = 1.0, project: bool = True,
-             shared_seed: int = 0) -> nn.Module:
+             shared_seed: int = 0, shared_atoms: torch.Tensor | None = None) -> nn.Module:
     """Build one TopK SAE or RA-SAE for a run, its decoder started by ``init`` on data x.
 
     x is the (already preprocessed) sample used for k-means / candidate points; a TopK SAE
@@ -248,7 +253,7 @@ def make_sae(arch: str, init: str, x: torch.Tensor, n_latents: int, k: int, seed
     check_finite("x", x)
     if arch == "topk":
         sae = TopKSAE(x.shape[1], n_latents, k, seed,
-                      initial_atoms(arch, init, x, n_latents, seed, shared_seed))
+                      initial_atoms(arch, init, x, n_latents, seed, shared_seed, shared_atoms))
         with torch.no_grad():
             sae.b_pre.copy_(x.mean(0))
         return sae
@@ -256,8 +261,54 @@ def make_sae(arch: str, init: str, x: torch.Tensor, n_latents: int, k: int, seed
     if n_c < n_latents:
         raise ValueError(f"n_candidates={n_c} must be >= n_latents={n_latents} so every atom "
                          "starts on a candidate")
-    candidates = initial_atoms(arch, init, x, n_c, seed, shared_seed)
+    candidates = initial_atoms(arch, init, x, n_c, seed, shared_seed, shared_atoms)
     return RelaxedArchetypalSAE(x.shape[1], n_latents, k, candidates, delta, project, seed)
+
+
+# ----------------------------------------------------------------------------- the grid
+
+# name -> (architecture, initialization, archetypal projection on)
+CONFIGURATIONS = {
+    "topk-random": ("topk", "random", True),
+    "topk-kmeans-shared": ("topk", "kmeans-shared", True),
+    "ra-kmeans-shared": ("ra", "kmeans-shared", True),
+    "ra-kmeans-independent": ("ra", "kmeans-independent", True),
+    "ra-projection-off": ("ra", "kmeans-shared", False),
+    "ra-random-points": ("ra", "random-points", True),
+}
+PREPROCESSING = ("raw", "centered")
+
+
+def check_grid(configurations: Sequence[str], preprocessing: Sequence[str]) -> None:
+    """Raise a ValueError for an unknown configuration or preprocessing name."""
+    for name in configurations:
+        check_choice("configurations", name, list(CONFIGURATIONS))
+    for prep in preprocessing:
+        check_choice("preprocessing", prep, PREPROCESSING)
+
+
+def cached_result(path: str | os.PathLike, meta: dict, compute: Callable[[], dict]) -> dict:
+    """The torch-saved result at path when its meta matches, else compute() saved atomically."""
+    path = Path(path)
+    if path.exists():
+        saved = torch.load(path, weights_only=False)
+        if meta_matches(saved.get("meta"), meta):
+            return saved
+    out = {**compute(), "meta": meta}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(out, tmp)
+    os.replace(tmp, path)
+    return out
+
+
+def sae_from_state(state: dict, k: int, delta: float = 1.0, project: bool = True) -> nn.Module:
+    """Rebuild a trained TopKSAE or RelaxedArchetypalSAE from its state_dict."""
+    n, d = state["W_enc"].shape
+    sae = RelaxedArchetypalSAE(d, n, k, state["candidates"], delta, project) \
+        if "candidates" in state else TopKSAE(d, n, k)
+    sae.load_state_dict(state)
+    return sae.eval()
 
 
 # ----------------------------------------------------------------------------- training
@@ -381,7 +432,7 @@ def train_saes(models: Sequence[nn.Module], x: torch.Tensor | np.ndarray, seeds:
     dev = resolve_device(device)
     n_steps = n_tokens // batch_size
     snap = sorted(set(snapshots if snapshots is not None else snapshot_steps(n_steps)))
-    if snap[0] < 0 or snap[-1] > n_steps:
+    if snap and (snap[0] < 0 or snap[-1] > n_steps):
         raise ValueError(f"snapshots must lie in 0..{n_steps} (the number of steps)")
     k = models[0].k
     names = ["W_enc", "b_enc", "b_pre", "W_dec"] if arch == "topk" else \
@@ -424,7 +475,7 @@ def train_saes(models: Sequence[nn.Module], x: torch.Tensor | np.ndarray, seeds:
             for n in names:
                 getattr(m, n).copy_(params[n][i].cpu())
     return {"steps": snap, "tokens": [s * batch_size for s in snap],
-            "dictionaries": torch.stack(dicts), "loss": losses}
+            "dictionaries": torch.stack(dicts) if dicts else torch.empty(0), "loss": losses}
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -703,6 +754,91 @@ def boot_model(name_or_dir: str, device: str = "auto"):
         raise RuntimeError(f"{name_or_dir!r}: the tokenizer has {n_tok} tokens for a model "
                            f"vocabulary of {d_vocab}; the folder probably lacks its tokenizer files")
     return bridge
+
+
+def pair_matrices(dicts: torch.Tensor) -> dict[str, np.ndarray]:
+    """Run-by-run matrices (NaN diagonal) of mean-min, Hungarian cosine distance and matched share.
+
+    ``dicts`` is (n_runs, n_atoms, d); one cosine matrix per pair serves all three metrics.
+    """
+    s = len(dicts)
+    out = {m: np.full((s, s), np.nan) for m in ("mean_min", "hungarian", "matched_share")}
+    unit = unit_rows(torch.as_tensor(dicts).double())
+    for i, j in itertools.combinations(range(s), 2):
+        cos = unit[i] @ unit[j].T
+        mm = float(((1 - cos.max(1).values).mean() + (1 - cos.max(0).values).mean()) / 2)
+        r, c = _hungarian(-cos)
+        matched = cos[r, c]
+        for name, v in (("mean_min", mm), ("hungarian", float((1 - matched).mean())),
+                        ("matched_share", float((matched >= 0.7).double().mean()))):
+            out[name][i, j] = out[name][j, i] = v
+    return out
+
+
+def _pair_mean(m: np.ndarray, idx: np.ndarray) -> float:
+    """Mean of m over pairs of distinct runs among the (resampled) run indices idx."""
+    sub = m[np.ix_(idx, idx)]
+    keep = idx[:, None] != idx[None, :]
+    return float(np.nanmean(sub[keep])) if keep.any() else float("nan")
+
+
+def bootstrap_runs(m: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                   other: np.ndarray | None = None) -> tuple[float, float, float]:
+    """Mean over run pairs of a pair matrix with a 95% bootstrap interval over runs.
+
+    Runs (not pairs) are resampled, since pairs that share a run are not independent. With
+    ``other``, the statistic is mean(m) - mean(other), each resampled independently.
+    """
+    rng = np.random.default_rng(seed)
+    stat = lambda ia, ib: _pair_mean(m, ia) - (0.0 if other is None else _pair_mean(other, ib))
+    full = stat(np.arange(len(m)), np.arange(len(other) if other is not None else 1))
+    boots = [stat(rng.integers(0, len(m), len(m)),
+                  rng.integers(0, len(other), len(other)) if other is not None else None)
+             for _ in range(n_boot)]
+    lo, hi = np.nanpercentile(boots, [2.5, 97.5])
+    return full, float(lo), float(hi)
+
+
+def bootstrap_mean(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of per-run values with a 95% bootstrap interval over runs."""
+    v = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    boots = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return float(v.mean()), float(lo), float(hi)
+
+
+def verdict(falsified: bool | None, stabilization_advantage: bool | None) -> str:
+    """One sentence from the two tests: endpoint falsification and stabilization advantage."""
+    if falsified is None:
+        return "the tests could not run on this subset of configurations."
+    if not falsified:
+        return ("not falsified: with independent starts, archetypal SAEs end no closer than TopK "
+                "SAEs.")
+    if stabilization_advantage:
+        return ("FALSIFIED: archetypal runs with independent starts end closer than TopK runs and "
+                "come closer over training than TopK runs do.")
+    return ("the literal endpoint criterion is met (archetypal runs with independent starts end "
+            "closer than TopK runs), but the closeness is inherited, not found: over training the "
+            "archetypal runs come no closer than TopK runs do, so the constraint shows no "
+            "stabilization advantage.")
+
+
+def sparse_synthetic_data(n_tokens: int, d: int, n_atoms: int, k: int, mean_norm: float,
+                          noise: float = 0.05, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens x = z D_true + mu + noise from a known unit-norm dictionary: (x, D_true)."""
+    gen = torch.Generator().manual_seed(seed)
+    true = unit_rows(torch.randn(n_atoms, d, generator=gen))
+    mu = unit_rows(torch.randn(1, d, generator=gen))[0] * mean_norm
+    idx = torch.rand(n_tokens, n_atoms, generator=gen).topk(k, dim=1).indices
+    coef = torch.empty(n_tokens, k).exponential_(generator=gen) + 0.5
+    x = sparse_decode(coef, idx, true) + mu + noise * torch.randn(n_tokens, d, generator=gen)
+    return x, true
+
+
+def recovery(learned: torch.Tensor, true: torch.Tensor, threshold: float = 0.9) -> float:
+    """Share of true atoms whose best-matching learned atom has cosine >= threshold."""
+    return float(((unit_rows(true) @ unit_rows(learned).T).max(1).values >= threshold).double().mean())
 
 
 # ----------------------------------------------------------------------------- data and I/O

@@ -219,3 +219,66 @@ def test_trainer_rejects_mismatched_inputs(data):
         h.train_saes(models, data[:, :8], [0], 640, 64, progress=False)
     with pytest.raises(ValueError, match="snapshots"):
         h.train_saes(models, data, [0], 640, 64, snapshots=[0, 99], progress=False)
+
+
+# ----------------------------------------------------------------------------- grid statistics
+
+
+def test_pair_matrices_agree_with_the_single_pair_metrics():
+    dicts = torch.stack([random_dict(20, 6, s) for s in range(3)])
+    m = h.pair_matrices(dicts)
+    assert np.isnan(m["hungarian"][0, 0]) and m["hungarian"][0, 1] == m["hungarian"][1, 0]
+    assert m["mean_min"][0, 2] == pytest.approx(h.mean_min_cosine_distance(dicts[0], dicts[2]))
+    assert m["hungarian"][1, 2] == pytest.approx(h.hungarian_cosine_distance(dicts[1], dicts[2]))
+    assert m["matched_share"][0, 1] == pytest.approx(h.matched_share(dicts[0], dicts[1]))
+    same = h.pair_matrices(torch.stack([dicts[0]] * 3))
+    assert np.nanmax(np.abs(same["hungarian"])) < 1e-12  # identical runs: distance 0
+
+
+def test_bootstrap_over_runs_brackets_the_mean_and_detects_a_difference():
+    rng = np.random.default_rng(0)
+    m = rng.normal(0.5, 0.01, (6, 6))
+    m = (m + m.T) / 2
+    np.fill_diagonal(m, np.nan)
+    mean, lo, hi = h.bootstrap_runs(m, 500, 0)
+    assert lo <= mean <= hi and hi - lo < 0.05
+    assert mean == pytest.approx(np.nanmean(m))
+    diff, lo, hi = h.bootstrap_runs(m, 500, 0, other=m + 0.2)
+    assert diff == pytest.approx(-0.2) and hi < 0
+    v = h.bootstrap_mean([1.0, 2.0, 3.0], 500, 0)
+    assert v[0] == 2.0 and 1.0 <= v[1] < 2.0 < v[2] <= 3.0
+
+
+def test_synthetic_dictionary_is_recovered_by_itself_and_not_by_noise():
+    x, true = h.sparse_synthetic_data(1000, 16, 32, 3, mean_norm=10.0, seed=0)
+    assert x.shape == (1000, 16) and float(x.mean(0).norm()) > 5
+    assert h.recovery(true, true) == 1.0
+    assert h.recovery(random_dict(32, 16, 5), true) < 0.1
+
+
+def test_verdict_follows_the_two_tests():
+    assert h.verdict(None, None).startswith("the tests could not run")
+    assert h.verdict(False, False).startswith("not falsified")
+    assert h.verdict(True, True).startswith("FALSIFIED")
+    assert "inherited" in h.verdict(True, False)
+
+
+def test_cached_result_computes_once_and_recomputes_on_other_metadata(tmp_path):
+    calls = []
+    compute = lambda: calls.append(1) or {"value": torch.ones(2)}
+    a = h.cached_result(tmp_path / "r.pt", {"k": 1}, compute)
+    b = h.cached_result(tmp_path / "r.pt", {"k": 1}, compute)
+    c = h.cached_result(tmp_path / "r.pt", {"k": 2}, compute)
+    assert len(calls) == 2 and torch.equal(a["value"], b["value"]) and c["meta"] == {"k": 2}
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(ValueError, match="configurations='nope'"):
+        h.check_grid(["topk-random", "nope"], ["raw"])
+
+
+def test_entropy_and_activation_statistics_on_known_cases():
+    assert h.unigram_entropy(np.array([0, 1, 2, 3] * 10)) == pytest.approx(np.log(4))
+    far = torch.randn(5000, 8) * 0.1 + 10.0  # a tight cloud far from the origin
+    s = h.activation_stats(far)
+    assert s["mean_norm"] == pytest.approx(10 * np.sqrt(8), rel=0.01)
+    assert s["rms_from_mean"] == pytest.approx(0.1 * np.sqrt(8), rel=0.05)
+    assert s["cos_raw"] > 0.99 and abs(s["cos_centered"]) < 0.05

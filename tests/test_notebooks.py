@@ -121,3 +121,59 @@ def test_bad_parameters_fail_before_heavy_work(tmp_path):
         report.check_params({"n_layerz": 3}, sorted(NB.glob("[0-9][0-9]_*.ipynb")))
     with pytest.raises(Exception, match="hook='resid'"):
         run_stage("01_cache_activations", tmp_path, hook="resid")
+
+
+# ----------------------------------------------------------------------------- 02, 03, 04
+
+
+@pytest.fixture(scope="module")
+def grid(smoke) -> Path:
+    run_stage("02_train_saes", smoke)
+    run_stage("03_galaxy_far_away", smoke)
+    run_stage("04_initialization_ablation", smoke)
+    return smoke
+
+
+def test_02_saves_every_cell_with_snapshots_from_step_zero(grid):
+    res = json.loads((grid / "02_train_saes.json").read_text())
+    assert len(res["cells"]) == 12 and res["snapshots"][0] == 0
+    cell = torch.load(grid / "saes" / "ra-kmeans-shared__centered.pt", weights_only=False)
+    assert cell["dictionaries"].shape == (len(res["snapshots"]), 3, 32, 32)
+    assert cell["tokens"][-1] == 6400 and len(cell["state_dicts"]) == 3
+    assert not list((grid / "saes").glob("*.tmp"))
+
+
+def test_02_rerun_skips_finished_cells(grid):
+    path = grid / "saes" / "topk-random__raw.pt"
+    before = path.stat().st_mtime_ns
+    run_stage("02_train_saes", grid, configurations=["topk-random"], preprocessing=["raw"])
+    assert path.stat().st_mtime_ns == before
+    with pytest.raises(Exception, match="configurations='topk-randm'"):
+        run_stage("02_train_saes", grid, configurations=["topk-randm"])
+
+
+def test_03_raw_distance_is_below_centered_which_is_below_chance(grid):
+    res = json.loads((grid / "03_galaxy_far_away.json").read_text())
+    assert res["kmeans_distance_raw"] < res["kmeans_distance_centered"] < res["random_distance"]
+    assert res["fvu_mean_only"] == pytest.approx(1.0, abs=0.05)
+    dose = res["dose_response"]
+    assert dose[0]["scale"] == 0.0 and dose[-1]["kmeans"] < dose[0]["kmeans"]  # more mean, closer
+    for name in ("fig2_galaxy_toy", "03_dose_response"):
+        assert (grid / "figures" / f"{name}.png").is_file()
+
+
+def test_04_science_invariants_hold_on_the_outputs(grid):
+    res = json.loads((grid / "04_initialization_ablation.json").read_text())
+    for key, s in res["stabilization"].items():
+        name = key.split("__")[0]
+        if h.CONFIGURATIONS[name][1] == "kmeans-shared":
+            assert abs(s["step0"]) < 1e-12 and s["shared_start"], key  # identical starts
+        else:
+            assert s["step0"] > 1e-3 and not s["shared_start"], key
+    for key, row in res["endpoint"].items():
+        for metric, v in row.items():
+            assert all(np.isfinite(x) for x in v.values()), (key, metric)
+    assert len(res["falsification"]) == 8 and isinstance(res["falsified"], bool)
+    assert {"recovered_as_is", "hungarian_between_runs"} <= set(res["synthetic"]["topk-random"])
+    for name in ("fig1_mean_min", "fig1_hungarian"):
+        assert (grid / "figures" / f"{name}.png").is_file()
