@@ -265,52 +265,6 @@ def make_sae(arch: str, init: str, x: torch.Tensor, n_latents: int, k: int, seed
     return RelaxedArchetypalSAE(x.shape[1], n_latents, k, candidates, delta, project, seed)
 
 
-# ----------------------------------------------------------------------------- the grid
-
-# name -> (architecture, initialization, archetypal projection on)
-CONFIGURATIONS = {
-    "topk-random": ("topk", "random", True),
-    "topk-kmeans-shared": ("topk", "kmeans-shared", True),
-    "ra-kmeans-shared": ("ra", "kmeans-shared", True),
-    "ra-kmeans-independent": ("ra", "kmeans-independent", True),
-    "ra-projection-off": ("ra", "kmeans-shared", False),
-    "ra-random-points": ("ra", "random-points", True),
-}
-PREPROCESSING = ("raw", "centered")
-
-
-def check_grid(configurations: Sequence[str], preprocessing: Sequence[str]) -> None:
-    """Raise a ValueError for an unknown configuration or preprocessing name."""
-    for name in configurations:
-        check_choice("configurations", name, list(CONFIGURATIONS))
-    for prep in preprocessing:
-        check_choice("preprocessing", prep, PREPROCESSING)
-
-
-def cached_result(path: str | os.PathLike, meta: dict, compute: Callable[[], dict]) -> dict:
-    """The torch-saved result at path when its meta matches, else compute() saved atomically."""
-    path = Path(path)
-    if path.exists():
-        saved = torch.load(path, weights_only=False)
-        if meta_matches(saved.get("meta"), meta):
-            return saved
-    out = {**compute(), "meta": meta}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(out, tmp)
-    os.replace(tmp, path)
-    return out
-
-
-def sae_from_state(state: dict, k: int, delta: float = 1.0, project: bool = True) -> nn.Module:
-    """Rebuild a trained TopKSAE or RelaxedArchetypalSAE from its state_dict."""
-    n, d = state["W_enc"].shape
-    sae = RelaxedArchetypalSAE(d, n, k, state["candidates"], delta, project) \
-        if "candidates" in state else TopKSAE(d, n, k)
-    sae.load_state_dict(state)
-    return sae.eval()
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -409,6 +363,13 @@ def _check_models(models: Sequence[nn.Module]) -> str:
     return "topk" if isinstance(models[0], TopKSAE) else "ra"
 
 
+def take_rows(x: torch.Tensor | np.ndarray, idx: torch.Tensor) -> torch.Tensor:
+    """Rows idx of an in-memory tensor or a numpy array / memmap, as a torch tensor."""
+    if isinstance(x, torch.Tensor):
+        return x[idx]
+    return torch.from_numpy(np.ascontiguousarray(x[idx.numpy()]))
+
+
 def train_saes(models: Sequence[nn.Module], x: torch.Tensor | np.ndarray, seeds: Sequence[int],
                n_tokens: int, batch_size: int = 1024, lr: float = 5e-4,
                snapshots: Sequence[int] | None = None, shift: torch.Tensor | None = None,
@@ -476,6 +437,54 @@ def train_saes(models: Sequence[nn.Module], x: torch.Tensor | np.ndarray, seeds:
                 getattr(m, n).copy_(params[n][i].cpu())
     return {"steps": snap, "tokens": [s * batch_size for s in snap],
             "dictionaries": torch.stack(dicts) if dicts else torch.empty(0), "loss": losses}
+
+
+# ----------------------------------------------------------------------------- the grid of configurations
+
+
+# name -> (architecture, initialization, archetypal projection on)
+CONFIGURATIONS = {
+    "topk-random": ("topk", "random", True),
+    "topk-kmeans-shared": ("topk", "kmeans-shared", True),
+    "ra-kmeans-shared": ("ra", "kmeans-shared", True),
+    "ra-kmeans-independent": ("ra", "kmeans-independent", True),
+    "ra-projection-off": ("ra", "kmeans-shared", False),
+    "ra-random-points": ("ra", "random-points", True),
+}
+
+PREPROCESSING = ("raw", "centered")
+
+
+def check_grid(configurations: Sequence[str], preprocessing: Sequence[str]) -> None:
+    """Raise a ValueError for an unknown configuration or preprocessing name."""
+    for name in configurations:
+        check_choice("configurations", name, list(CONFIGURATIONS))
+    for prep in preprocessing:
+        check_choice("preprocessing", prep, PREPROCESSING)
+
+
+def cached_result(path: str | os.PathLike, meta: dict, compute: Callable[[], dict]) -> dict:
+    """The torch-saved result at path when its meta matches, else compute() saved atomically."""
+    path = Path(path)
+    if path.exists():
+        saved = torch.load(path, weights_only=False)
+        if meta_matches(saved.get("meta"), meta):
+            return saved
+    out = {**compute(), "meta": meta}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(out, tmp)
+    os.replace(tmp, path)
+    return out
+
+
+def sae_from_state(state: dict, k: int, delta: float = 1.0, project: bool = True) -> nn.Module:
+    """Rebuild a trained TopKSAE or RelaxedArchetypalSAE from its state_dict."""
+    n, d = state["W_enc"].shape
+    sae = RelaxedArchetypalSAE(d, n, k, state["candidates"], delta, project) \
+        if "candidates" in state else TopKSAE(d, n, k)
+    sae.load_state_dict(state)
+    return sae.eval()
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -566,7 +575,107 @@ def pairwise(metric: Callable[..., float], items: Sequence, **kwargs) -> list[fl
     return [metric(a, b, **kwargs) for a, b in itertools.combinations(items, 2)]
 
 
+# ----------------------------------------------------------------------------- statistics over runs
+
+
+def pair_matrices(dicts: torch.Tensor) -> dict[str, np.ndarray]:
+    """Run-by-run matrices (NaN diagonal) of mean-min, Hungarian cosine distance and matched share.
+
+    ``dicts`` is (n_runs, n_atoms, d); one cosine matrix per pair serves all three metrics.
+    """
+    s = len(dicts)
+    out = {m: np.full((s, s), np.nan) for m in ("mean_min", "hungarian", "matched_share")}
+    unit = unit_rows(torch.as_tensor(dicts).double())
+    for i, j in itertools.combinations(range(s), 2):
+        cos = unit[i] @ unit[j].T
+        mm = float(((1 - cos.max(1).values).mean() + (1 - cos.max(0).values).mean()) / 2)
+        r, c = _hungarian(-cos)
+        matched = cos[r, c]
+        for name, v in (("mean_min", mm), ("hungarian", float((1 - matched).mean())),
+                        ("matched_share", float((matched >= 0.7).double().mean()))):
+            out[name][i, j] = out[name][j, i] = v
+    return out
+
+
+def _pair_mean(m: np.ndarray, idx: np.ndarray) -> float:
+    """Mean of m over pairs of distinct runs among the (resampled) run indices idx."""
+    sub = m[np.ix_(idx, idx)]
+    keep = idx[:, None] != idx[None, :]
+    return float(np.nanmean(sub[keep])) if keep.any() else float("nan")
+
+
+def bootstrap_runs(m: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                   other: np.ndarray | None = None) -> tuple[float, float, float]:
+    """Mean over run pairs of a pair matrix with a 95% bootstrap interval over runs.
+
+    Runs (not pairs) are resampled, since pairs that share a run are not independent. With
+    ``other``, the statistic is mean(m) - mean(other), each resampled independently.
+    """
+    rng = np.random.default_rng(seed)
+    stat = lambda ia, ib: _pair_mean(m, ia) - (0.0 if other is None else _pair_mean(other, ib))
+    full = stat(np.arange(len(m)), np.arange(len(other) if other is not None else 1))
+    boots = [stat(rng.integers(0, len(m), len(m)),
+                  rng.integers(0, len(other), len(other)) if other is not None else None)
+             for _ in range(n_boot)]
+    lo, hi = np.nanpercentile(boots, [2.5, 97.5])
+    return full, float(lo), float(hi)
+
+
+def bootstrap_mean(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of per-run values with a 95% bootstrap interval over runs."""
+    v = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    boots = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return float(v.mean()), float(lo), float(hi)
+
+
+def verdict(falsified: bool | None, stabilization_advantage: bool | None) -> str:
+    """One sentence from the two tests: endpoint falsification and stabilization advantage."""
+    if falsified is None:
+        return "the tests could not run on this subset of configurations."
+    if not falsified:
+        return ("not falsified: with independent starts, archetypal SAEs end no closer than TopK "
+                "SAEs.")
+    if stabilization_advantage:
+        return ("FALSIFIED: archetypal runs with independent starts end closer than TopK runs and "
+                "come closer over training than TopK runs do.")
+    return ("the literal endpoint criterion is met (archetypal runs with independent starts end "
+            "closer than TopK runs), but the closeness is inherited, not found: over training the "
+            "archetypal runs come no closer than TopK runs do, so the constraint shows no "
+            "stabilization advantage.")
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+
+def galaxy_toy_data(n_points: int = 4096, d: int = 64, mean_norm: float = 20.0,
+                    seed: int = 0) -> torch.Tensor:
+    """Anisotropic Gaussian cloud (per-axis std 2.1 down to 0.07) around a mean of norm mean_norm."""
+    gen = torch.Generator().manual_seed(seed)
+    mu = unit_rows(torch.randn(1, d, generator=gen))[0] * mean_norm
+    return torch.randn(n_points, d, generator=gen) * torch.linspace(2.1, 0.07, d) + mu
+
+
+def sparse_synthetic_data(n_tokens: int, d: int, n_atoms: int, k: int, mean_norm: float,
+                          noise: float = 0.05, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens x = z D_true + mu + noise from a known unit-norm dictionary: (x, D_true)."""
+    gen = torch.Generator().manual_seed(seed)
+    true = unit_rows(torch.randn(n_atoms, d, generator=gen))
+    mu = unit_rows(torch.randn(1, d, generator=gen))[0] * mean_norm
+    idx = torch.rand(n_tokens, n_atoms, generator=gen).topk(k, dim=1).indices
+    coef = torch.empty(n_tokens, k).exponential_(generator=gen) + 0.5
+    x = sparse_decode(coef, idx, true) + mu + noise * torch.randn(n_tokens, d, generator=gen)
+    return x, true
+
+
+def recovery(learned: torch.Tensor, true: torch.Tensor, threshold: float = 0.9) -> float:
+    """Share of true atoms whose best-matching learned atom has cosine >= threshold."""
+    return float(((unit_rows(true) @ unit_rows(learned).T).max(1).values >= threshold).double().mean())
+
+
 # ----------------------------------------------------------------------------- language model
+
 
 OFFLINE_MODEL = "local-gptneox"  # the default: a small GPT-NeoX trained here on the stdlib source
 EOT = "<|endoftext|>"
@@ -722,19 +831,6 @@ def export_smollm2(folder: str | os.PathLike) -> dict:
     return meta
 
 
-def read_meta(path: str | os.PathLike) -> dict | None:
-    """The JSON metadata at path, or None when missing or unreadable (an incomplete write)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def meta_matches(found: dict | None, meta: dict) -> bool:
-    """True when found (saved metadata) agrees with every key of the requested meta."""
-    return found is not None and all(found.get(k) == v for k, v in meta.items())
-
-
 def boot_model(name_or_dir: str, device: str = "auto"):
     """TransformerLens 4 bridge on a local HF folder or a hub name, with a checked tokenizer."""
     from transformer_lens.model_bridge import TransformerBridge
@@ -756,92 +852,7 @@ def boot_model(name_or_dir: str, device: str = "auto"):
     return bridge
 
 
-def pair_matrices(dicts: torch.Tensor) -> dict[str, np.ndarray]:
-    """Run-by-run matrices (NaN diagonal) of mean-min, Hungarian cosine distance and matched share.
-
-    ``dicts`` is (n_runs, n_atoms, d); one cosine matrix per pair serves all three metrics.
-    """
-    s = len(dicts)
-    out = {m: np.full((s, s), np.nan) for m in ("mean_min", "hungarian", "matched_share")}
-    unit = unit_rows(torch.as_tensor(dicts).double())
-    for i, j in itertools.combinations(range(s), 2):
-        cos = unit[i] @ unit[j].T
-        mm = float(((1 - cos.max(1).values).mean() + (1 - cos.max(0).values).mean()) / 2)
-        r, c = _hungarian(-cos)
-        matched = cos[r, c]
-        for name, v in (("mean_min", mm), ("hungarian", float((1 - matched).mean())),
-                        ("matched_share", float((matched >= 0.7).double().mean()))):
-            out[name][i, j] = out[name][j, i] = v
-    return out
-
-
-def _pair_mean(m: np.ndarray, idx: np.ndarray) -> float:
-    """Mean of m over pairs of distinct runs among the (resampled) run indices idx."""
-    sub = m[np.ix_(idx, idx)]
-    keep = idx[:, None] != idx[None, :]
-    return float(np.nanmean(sub[keep])) if keep.any() else float("nan")
-
-
-def bootstrap_runs(m: np.ndarray, n_boot: int = 2000, seed: int = 0,
-                   other: np.ndarray | None = None) -> tuple[float, float, float]:
-    """Mean over run pairs of a pair matrix with a 95% bootstrap interval over runs.
-
-    Runs (not pairs) are resampled, since pairs that share a run are not independent. With
-    ``other``, the statistic is mean(m) - mean(other), each resampled independently.
-    """
-    rng = np.random.default_rng(seed)
-    stat = lambda ia, ib: _pair_mean(m, ia) - (0.0 if other is None else _pair_mean(other, ib))
-    full = stat(np.arange(len(m)), np.arange(len(other) if other is not None else 1))
-    boots = [stat(rng.integers(0, len(m), len(m)),
-                  rng.integers(0, len(other), len(other)) if other is not None else None)
-             for _ in range(n_boot)]
-    lo, hi = np.nanpercentile(boots, [2.5, 97.5])
-    return full, float(lo), float(hi)
-
-
-def bootstrap_mean(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of per-run values with a 95% bootstrap interval over runs."""
-    v = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    boots = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return float(v.mean()), float(lo), float(hi)
-
-
-def verdict(falsified: bool | None, stabilization_advantage: bool | None) -> str:
-    """One sentence from the two tests: endpoint falsification and stabilization advantage."""
-    if falsified is None:
-        return "the tests could not run on this subset of configurations."
-    if not falsified:
-        return ("not falsified: with independent starts, archetypal SAEs end no closer than TopK "
-                "SAEs.")
-    if stabilization_advantage:
-        return ("FALSIFIED: archetypal runs with independent starts end closer than TopK runs and "
-                "come closer over training than TopK runs do.")
-    return ("the literal endpoint criterion is met (archetypal runs with independent starts end "
-            "closer than TopK runs), but the closeness is inherited, not found: over training the "
-            "archetypal runs come no closer than TopK runs do, so the constraint shows no "
-            "stabilization advantage.")
-
-
-def sparse_synthetic_data(n_tokens: int, d: int, n_atoms: int, k: int, mean_norm: float,
-                          noise: float = 0.05, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens x = z D_true + mu + noise from a known unit-norm dictionary: (x, D_true)."""
-    gen = torch.Generator().manual_seed(seed)
-    true = unit_rows(torch.randn(n_atoms, d, generator=gen))
-    mu = unit_rows(torch.randn(1, d, generator=gen))[0] * mean_norm
-    idx = torch.rand(n_tokens, n_atoms, generator=gen).topk(k, dim=1).indices
-    coef = torch.empty(n_tokens, k).exponential_(generator=gen) + 0.5
-    x = sparse_decode(coef, idx, true) + mu + noise * torch.randn(n_tokens, d, generator=gen)
-    return x, true
-
-
-def recovery(learned: torch.Tensor, true: torch.Tensor, threshold: float = 0.9) -> float:
-    """Share of true atoms whose best-matching learned atom has cosine >= threshold."""
-    return float(((unit_rows(true) @ unit_rows(learned).T).max(1).values >= threshold).double().mean())
-
-
-# ----------------------------------------------------------------------------- data and I/O
+# ----------------------------------------------------------------------------- activation cache
 
 
 def text_tokens(source: str, tokenizer, split: str, n_tokens: int,
@@ -965,7 +976,29 @@ def layer_stats(bridge, windows: np.ndarray, drop_first: bool = True) -> list[di
     return rows
 
 
-# ----------------------------------------------------------------------------- figures
+# ----------------------------------------------------------------------------- files and figures
+
+
+def read_meta(path: str | os.PathLike) -> dict | None:
+    """The JSON metadata at path, or None when missing or unreadable (an incomplete write)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def meta_matches(found: dict | None, meta: dict) -> bool:
+    """True when found (saved metadata) agrees with every key of the requested meta."""
+    return found is not None and all(found.get(k) == v for k, v in meta.items())
+
+
+def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
+    """Write obj as indented JSON to path through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
 
 
 def set_style() -> None:
@@ -979,30 +1012,7 @@ def save_figure(fig, name: str, figures_dir: str | os.PathLike) -> Path:
     """Save fig as figures_dir/name.png and .pdf; returns the PNG path."""
     out = Path(figures_dir)
     out.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
     fig.savefig(out / f"{name}.pdf", bbox_inches="tight")
     fig.savefig(out / f"{name}.png", dpi=150, bbox_inches="tight")
     return out / f"{name}.png"
-
-
-def take_rows(x: torch.Tensor | np.ndarray, idx: torch.Tensor) -> torch.Tensor:
-    """Rows idx of an in-memory tensor or a numpy array / memmap, as a torch tensor."""
-    if isinstance(x, torch.Tensor):
-        return x[idx]
-    return torch.from_numpy(np.ascontiguousarray(x[idx.numpy()]))
-
-
-def galaxy_toy_data(n_points: int = 4096, d: int = 64, mean_norm: float = 20.0,
-                    seed: int = 0) -> torch.Tensor:
-    """Anisotropic Gaussian cloud (per-axis std 2.1 down to 0.07) around a mean of norm mean_norm."""
-    gen = torch.Generator().manual_seed(seed)
-    mu = unit_rows(torch.randn(1, d, generator=gen))[0] * mean_norm
-    return torch.randn(n_points, d, generator=gen) * torch.linspace(2.1, 0.07, d) + mu
-
-
-def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
-    """Write obj as indented JSON to path through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)

@@ -1,7 +1,44 @@
-"""Test-wide setup: no test may reach a model hub, including notebook kernels (they inherit it)."""
+"""Test-wide setup: no hub access (kernels inherit it), and one smoke run of the whole pipeline."""
+
+from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tracked_copy(dest: Path) -> Path:
+    """A copy of the repository's source files (mtimes kept) sharing this checkout's .venv."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file() and not f.startswith(("report/", "figures/")):
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dest / f)
+    os.symlink(ROOT / ".venv", dest / ".venv")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def made(tmp_path_factory) -> Path:
+    """A repository copy after `make report PROFILE=smoke`, as a user runs it."""
+    repo = tracked_copy(tmp_path_factory.mktemp("repo"))
+    done = subprocess.run(["make", "report", "PROFILE=smoke"], cwd=repo, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return repo
+
+
+@pytest.fixture(scope="session")
+def smoke(made) -> Path:
+    """The smoke profile's run folder of that pipeline run."""
+    return made / "runs" / "smoke"

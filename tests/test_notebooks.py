@@ -24,14 +24,6 @@ def run_stage(name: str, run_dir: Path, **overrides) -> dict:
     return json.loads((run_dir / f"{name}.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("smoke")
-    run_stage("00_language_model", run_dir)
-    run_stage("01_cache_activations", run_dir)
-    return run_dir
-
-
 def test_00_trains_and_saves_a_bootable_model(smoke):
     res = json.loads((smoke / "00_language_model.json").read_text())
     model_dir = smoke / "model"
@@ -124,46 +116,36 @@ def test_bad_parameters_fail_before_heavy_work(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 02, 03, 04
-
-
-@pytest.fixture(scope="module")
-def grid(smoke) -> Path:
-    run_stage("02_train_saes", smoke)
-    run_stage("03_galaxy_far_away", smoke)
-    run_stage("04_initialization_ablation", smoke)
-    return smoke
-
-
-def test_02_saves_every_cell_with_snapshots_from_step_zero(grid):
-    res = json.loads((grid / "02_train_saes.json").read_text())
+def test_02_saves_every_cell_with_snapshots_from_step_zero(smoke):
+    res = json.loads((smoke / "02_train_saes.json").read_text())
     assert len(res["cells"]) == 12 and res["snapshots"][0] == 0
-    cell = torch.load(grid / "saes" / "ra-kmeans-shared__centered.pt", weights_only=False)
+    cell = torch.load(smoke / "saes" / "ra-kmeans-shared__centered.pt", weights_only=False)
     assert cell["dictionaries"].shape == (len(res["snapshots"]), 3, 32, 32)
     assert cell["tokens"][-1] == 6400 and len(cell["state_dicts"]) == 3
-    assert not list((grid / "saes").glob("*.tmp"))
+    assert not list((smoke / "saes").glob("*.tmp"))
 
 
-def test_02_rerun_skips_finished_cells(grid):
-    path = grid / "saes" / "topk-random__raw.pt"
+def test_02_rerun_skips_finished_cells(smoke):
+    path = smoke / "saes" / "topk-random__raw.pt"
     before = path.stat().st_mtime_ns
-    run_stage("02_train_saes", grid, configurations=["topk-random"], preprocessing=["raw"])
+    run_stage("02_train_saes", smoke, configurations=["topk-random"], preprocessing=["raw"])
     assert path.stat().st_mtime_ns == before
     with pytest.raises(Exception, match="configurations='topk-randm'"):
-        run_stage("02_train_saes", grid, configurations=["topk-randm"])
+        run_stage("02_train_saes", smoke, configurations=["topk-randm"])
 
 
-def test_03_raw_distance_is_below_centered_which_is_below_chance(grid):
-    res = json.loads((grid / "03_galaxy_far_away.json").read_text())
+def test_03_raw_distance_is_below_centered_which_is_below_chance(smoke):
+    res = json.loads((smoke / "03_galaxy_far_away.json").read_text())
     assert res["kmeans_distance_raw"] < res["kmeans_distance_centered"] < res["random_distance"]
     assert res["fvu_mean_only"] == pytest.approx(1.0, abs=0.05)
     dose = res["dose_response"]
     assert dose[0]["scale"] == 0.0 and dose[-1]["kmeans"] < dose[0]["kmeans"]  # more mean, closer
     for name in ("fig2_galaxy_toy", "03_dose_response"):
-        assert (grid / "figures" / f"{name}.png").is_file()
+        assert (smoke / "figures" / f"{name}.png").is_file()
 
 
-def test_04_science_invariants_hold_on_the_outputs(grid):
-    res = json.loads((grid / "04_initialization_ablation.json").read_text())
+def test_04_science_invariants_hold_on_the_outputs(smoke):
+    res = json.loads((smoke / "04_initialization_ablation.json").read_text())
     for key, s in res["stabilization"].items():
         name = key.split("__")[0]
         if h.CONFIGURATIONS[name][1] == "kmeans-shared":
@@ -176,4 +158,4 @@ def test_04_science_invariants_hold_on_the_outputs(grid):
     assert len(res["falsification"]) == 8 and isinstance(res["falsified"], bool)
     assert {"recovered_as_is", "hungarian_between_runs"} <= set(res["synthetic"]["topk-random"])
     for name in ("fig1_mean_min", "fig1_hungarian"):
-        assert (grid / "figures" / f"{name}.png").is_file()
+        assert (smoke / "figures" / f"{name}.png").is_file()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -14,26 +13,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["00_language_model", "01_cache_activations", "02_train_saes", "03_galaxy_far_away",
           "04_initialization_ablation"]
-
-
-def tracked_copy(dest: Path) -> Path:
-    """A copy of the repository's tracked files (mtimes kept) sharing this checkout's .venv."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
-                           capture_output=True, text=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file() and not f.startswith(("report/", "figures/")):
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dest / f)
-    os.symlink(ROOT / ".venv", dest / ".venv")
-    return dest
-
-
-@pytest.fixture(scope="module")
-def made(tmp_path_factory) -> Path:
-    repo = tracked_copy(tmp_path_factory.mktemp("repo"))
-    subprocess.run(["make", "report", "PROFILE=smoke"], cwd=repo, check=True,
-                   capture_output=True, text=True)
-    return repo
 
 
 def test_make_report_smoke_writes_every_output(made):
