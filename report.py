@@ -99,11 +99,24 @@ def results_markdown(profile: str) -> str:
         lines.append(f"| `{name}` | {prep} | " + " | ".join(_ci(row[m]) for m in (
             "mean_min", "hungarian", "matched_share", "hungarian_l2", "activation_corr", "fvu",
             "dead_fraction")) + " |")
+    fvu = {k: v["fvu"]["mean"] for k, v in abl["endpoint"].items()}
+    ra_raw = [v for k, v in fvu.items() if k.startswith("ra-") and k.endswith("__raw")]
+    if ra_raw and "topk-random__raw" in fvu:
+        lines += ["", f"Reconstruction on raw activations: the archetypal SAEs reach FVU "
+                  f"{min(ra_raw):.2f} to {max(ra_raw):.2f} against {fvu['topk-random__raw']:.2f} for "
+                  "`topk-random`" + (" (above 1: worse than predicting the data mean, so their "
+                                     "agreement is that of models that barely left their start)"
+                                     if max(ra_raw) > 1 else "") + "."]
     lines += ["", "Falsification test (endpoint distance, archetypal minus `topk-random`; "
               "95% bootstrap interval over runs):", ""]
     for t in abl["falsification"]:
         lines.append(f"- `{t['challenger']}`, {t['metric']}, {t['preprocessing']}: "
                      f"{t['difference']:+.3f} [{t['lo']:+.3f}, {t['hi']:+.3f}]: {t['outcome']}")
+    lines += ["", "Geometry-free control (correlation of activation-matched latents on held-out "
+              "activations, archetypal minus `topk-random`; above 0: archetypal runs agree more):", ""]
+    for t in abl["geometry_free"]:
+        lines.append(f"- `{t['challenger']}`, {t['preprocessing']}: {t['difference']:+.3f} "
+                     f"[{t['lo']:+.3f}, {t['hi']:+.3f}]: {t['outcome']}")
     lines += ["", "Stabilization (change of the distance over training, end minus step 0, "
               "archetypal minus `topk-random`; below 0 would be an advantage of the constraint):", ""]
     for t in abl["stabilization_advantage"]:

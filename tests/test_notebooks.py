@@ -156,6 +156,7 @@ def test_04_science_invariants_hold_on_the_outputs(smoke):
         for metric, v in row.items():
             assert all(np.isfinite(x) for x in v.values()), (key, metric)
     assert len(res["falsification"]) == 8 and isinstance(res["falsified"], bool)
+    assert len(res["geometry_free"]) == 4 and len(res["stabilization_advantage"]) == 8
     assert {"recovered_as_is", "hungarian_between_runs"} <= set(res["synthetic"]["topk-random"])
     for name in ("fig1_mean_min", "fig1_hungarian"):
         assert (smoke / "figures" / f"{name}.png").is_file()
