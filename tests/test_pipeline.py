@@ -73,4 +73,8 @@ def test_committed_report_renders_in_a_browser(profile, tmp_path):
         pytest.skip(f"report/{profile}/ holds no HTML yet (run make report PROFILE={profile})")
     for page in pages:
         res = browser_check(page, tmp_path)
-        assert res["images"] >= 1 and res["broken"] == 0 and res["errors"] == 0, (page.name, res)
+        numbers = json.loads(page.with_suffix(".json").read_text())
+        # stage 00 draws its loss curve only when it trains the offline model
+        has_figure = not page.stem.startswith("00_") or "heldout_loss" in numbers
+        assert res["broken"] == 0 and res["errors"] == 0, (page.name, res)
+        assert res["images"] >= 1 or not has_figure, (page.name, res)
