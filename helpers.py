@@ -690,14 +690,21 @@ def stdlib_python_files() -> list[Path]:
                   and "__pycache__" not in p.parts)
 
 
-def stdlib_texts(split: str, heldout_every: int = 20) -> Iterator[str]:
-    """Texts of the sorted stdlib files of one split: every heldout_every-th file is held out."""
+def split_documents(docs: Iterable[str], split: str, heldout_every: int = 20) -> Iterator[str]:
+    """The documents of one split, in order: every heldout_every-th document is held out."""
     check_choice("split", split, ("train", "heldout"))
     if heldout_every < 2:
         raise ValueError(f"heldout_every={heldout_every} must be >= 2")
-    for i, f in enumerate(stdlib_python_files()):
+    for i, doc in enumerate(docs):
         if (i % heldout_every == heldout_every - 1) == (split == "heldout"):
-            yield f.read_text(encoding="utf-8", errors="replace")
+            yield doc
+
+
+def stdlib_texts(split: str, heldout_every: int = 20) -> Iterator[str]:
+    """Texts of the sorted stdlib files of one split (see split_documents)."""
+    files = stdlib_python_files()
+    return split_documents((f.read_text(encoding="utf-8", errors="replace") for f in files),
+                           split, heldout_every)
 
 
 def take_chars(texts: Iterable[str], max_chars: int) -> list[str]:
@@ -729,7 +736,8 @@ def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int):
 def encode_texts(tokenizer, texts: Sequence[str]) -> np.ndarray:
     """Token ids of the texts joined by end-of-text tokens, as one int32 stream."""
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    eot = tokenizer.convert_tokens_to_ids(EOT)
+    eot = tokenizer.convert_tokens_to_ids(EOT) if EOT in tokenizer.get_vocab() else \
+        tokenizer.eos_token_id  # a vocabulary without <|endoftext|>
     return np.fromiter(itertools.chain.from_iterable(i + [eot] for i in ids), dtype=np.int32)
 
 
@@ -857,37 +865,33 @@ def boot_model(name_or_dir: str, device: str = "auto"):
 
 def text_tokens(source: str, tokenizer, split: str, n_tokens: int,
                 heldout_every: int = 20) -> np.ndarray:
-    """n_tokens token ids of 'stdlib' text (train or held-out files) or of a hub dataset."""
-    if source != "stdlib":
-        stream = hub_text_tokens(source, tokenizer, 2 * n_tokens)
-        return stream[:n_tokens] if split == "train" else stream[n_tokens:]
-    out, have, texts = [], 0, stdlib_texts(split, heldout_every)
-    for chunk in iter(lambda: list(itertools.islice(texts, 64)), []):
+    """n_tokens token ids of one split of 'stdlib' text or of a hub text dataset.
+
+    Both sources are split by document (every heldout_every-th held out), so training and
+    held-out tokens never overlap.
+    """
+    docs = stdlib_texts(split, heldout_every) if source == "stdlib" else \
+        split_documents(hub_texts(source), split, heldout_every)
+    out, have = [], 0
+    for chunk in iter(lambda: list(itertools.islice(docs, 64)), []):
         out.append(encode_texts(tokenizer, chunk))
         have += len(out[-1])
         if have >= n_tokens:
             return np.concatenate(out)[:n_tokens]
-    raise ValueError(f"the stdlib {split} split holds only {have} tokens, fewer than {n_tokens}")
+    raise ValueError(f"the {split} split of {source!r} holds only {have} tokens, "
+                     f"fewer than {n_tokens}")
 
 
-def hub_text_tokens(dataset: str, tokenizer, n_tokens: int, split: str = "train",
-                    text_field: str = "text") -> np.ndarray:
-    """Stream a hub text dataset and return n_tokens token ids (a clear error when offline)."""
+def hub_texts(dataset: str, text_field: str = "text") -> Iterator[str]:
+    """Documents streamed from a hub text dataset's train split (a clear error when offline)."""
     try:
         from datasets import load_dataset
 
-        stream = load_dataset(dataset, split=split, streaming=True)
-        out, have = [], 0
-        for row in stream:
-            ids = tokenizer(row[text_field], add_special_tokens=False)["input_ids"]
-            out.append(np.asarray(ids + [tokenizer.eos_token_id], dtype=np.int32))
-            have += len(out[-1])
-            if have >= n_tokens:
-                return np.concatenate(out)[:n_tokens]
+        for row in load_dataset(dataset, split="train", streaming=True):
+            yield row[text_field]
     except (OSError, ConnectionError) as err:
         raise RuntimeError(f"could not stream dataset {dataset!r} from the hub "
                            f"({type(err).__name__}); offline, use text_source='stdlib'") from err
-    raise ValueError(f"dataset {dataset!r} holds only {have} tokens, fewer than n_tokens={n_tokens}")
 
 
 def hook_layer(hook: str) -> int:

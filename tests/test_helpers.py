@@ -282,3 +282,15 @@ def test_entropy_and_activation_statistics_on_known_cases():
     assert s["mean_norm"] == pytest.approx(10 * np.sqrt(8), rel=0.01)
     assert s["rms_from_mean"] == pytest.approx(0.1 * np.sqrt(8), rel=0.05)
     assert s["cos_raw"] > 0.99 and abs(s["cos_centered"]) < 0.05
+
+
+def test_document_splits_are_disjoint_and_hub_loading_fails_clearly_offline():
+    docs = [f"doc{i}" for i in range(45)]
+    train = list(h.split_documents(docs, "train", 10))
+    held = list(h.split_documents(docs, "heldout", 10))
+    assert held == ["doc9", "doc19", "doc29", "doc39"] and len(train) == 41
+    assert not set(train) & set(held)
+    with pytest.raises(ValueError, match="split='test'"):
+        list(h.split_documents(docs, "test", 10))
+    with pytest.raises(RuntimeError, match="text_source='stdlib'"):  # HF_DATASETS_OFFLINE=1
+        next(h.hub_texts("NeelNanda/pile-10k"))
