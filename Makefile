@@ -6,9 +6,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+STAGES := $(basename $(notdir $(NOTEBOOKS)))
 REPORT_DIR := report/$(PROFILE)
-RUN_DIR = $(shell sed -n 's/^run_dir: *//p' params/$(PROFILE).yaml 2>/dev/null)
-EXECUTED := $(addprefix $(REPORT_DIR)/,$(notdir $(NOTEBOOKS)))
+RUN_DIR := $(shell sed -n 's/^run_dir: *//p' params/$(PROFILE).yaml 2>/dev/null)
 
 .PHONY: setup test report html check-profile bench clean
 .DELETE_ON_ERROR:
@@ -29,26 +29,27 @@ test: $(STAMP)
 check-profile: $(STAMP)
 	@$(PY) report.py $(PROFILE)
 
-# One executed notebook per stage; a stage re-runs when its notebook, the profile, helpers.py or
-# an earlier stage changed. The caches under runs/ skip work whose parameters did not change.
+# A stage is done when its JSON exists under the profile's run_dir (git-ignored); it re-runs when
+# that JSON is missing (a clean clone) or older than its notebook, the profile, helpers.py or the
+# previous stage. The executed notebook goes to report/<profile>/, then its HTML and JSON.
 report: check-profile
 	@if [ -z "$(NOTEBOOKS)" ]; then echo "make report: no notebooks under notebooks/ yet; nothing to run"; \
 	else $(MAKE) --no-print-directory html PROFILE=$(PROFILE) && $(PY) report.py readme; fi
 
-html: $(EXECUTED:.ipynb=.html)
+html: $(addprefix $(REPORT_DIR)/,$(addsuffix .html,$(STAGES)))
 
-$(REPORT_DIR)/%.html: $(REPORT_DIR)/%.ipynb
-	$(PY) report.py html $<
+$(REPORT_DIR)/%.html: $(RUN_DIR)/%.json
+	$(PY) report.py html $(REPORT_DIR)/$*.ipynb
 
 define stage
-$(REPORT_DIR)/$(notdir $(1)): $(1) params/$(PROFILE).yaml helpers.py $(2)
-	@mkdir -p $(REPORT_DIR) $(RUN_DIR)
-	$(PY) report.py $(PROFILE) $(1) $$@
-	@cp $(RUN_DIR)/$(basename $(notdir $(1))).json $(REPORT_DIR)/ 2>/dev/null || true
+$(RUN_DIR)/$(basename $(notdir $(1))).json: $(1) params/$(PROFILE).yaml helpers.py $(2)
+	@mkdir -p $(REPORT_DIR)
+	$(PY) report.py $(PROFILE) $(1) $(REPORT_DIR)/$(notdir $(1))
+	cp $$@ $(REPORT_DIR)/
 endef
 # stage i also waits for stage i-1
-$(foreach i,$(shell seq 1 $(words $(NOTEBOOKS))),$(eval $(call stage,$(word $(i),$(NOTEBOOKS)),\
-  $(if $(filter 1,$(i)),,$(REPORT_DIR)/$(notdir $(word $(shell echo $$(($(i)-1))),$(NOTEBOOKS)))))))
+$(foreach i,$(shell seq 1 $(words $(STAGES))),$(eval $(call stage,$(word $(i),$(NOTEBOOKS)),\
+  $(if $(filter 1,$(i)),,$(RUN_DIR)/$(word $(shell echo $$(($(i)-1))),$(STAGES)).json))))
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py

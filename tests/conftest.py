@@ -16,12 +16,15 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tracked_copy(dest: Path) -> Path:
-    """A copy of the repository's source files (mtimes kept) sharing this checkout's .venv."""
+def tracked_copy(dest: Path, outputs: bool = False) -> Path:
+    """A copy of the repository's files (mtimes kept) sharing this checkout's .venv.
+
+    The committed report/ and figures/ come along only with ``outputs=True``.
+    """
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
                            capture_output=True, text=True).stdout.split()
     for f in files:
-        if (ROOT / f).is_file() and not f.startswith(("report/", "figures/")):
+        if (ROOT / f).is_file() and (outputs or not f.startswith(("report/", "figures/"))):
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, dest / f)
     os.symlink(ROOT / ".venv", dest / ".venv")

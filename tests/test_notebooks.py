@@ -49,11 +49,17 @@ def test_01_caches_the_requested_vectors_and_layer_statistics(smoke):
     assert abs(stats["cos_centered"]) < stats["cos_raw"]
 
 
-def test_rerun_reuses_the_model_and_the_cache(smoke):
-    npy = smoke / "acts_train.npy"
+@pytest.fixture
+def run_copy(smoke, tmp_path) -> Path:
+    """A copy of the smoke run folder (mtimes kept), for tests that re-run stages."""
+    return Path(shutil.copytree(smoke, tmp_path / "run"))
+
+
+def test_rerun_reuses_the_model_and_the_cache(run_copy):
+    npy = run_copy / "acts_train.npy"
     before = npy.stat().st_mtime_ns
-    res00 = run_stage("00_language_model", smoke)
-    run_stage("01_cache_activations", smoke)
+    res00 = run_stage("00_language_model", run_copy)
+    run_stage("01_cache_activations", run_copy)
     assert res00["reused"] is True
     assert npy.stat().st_mtime_ns == before  # not rewritten
 
@@ -125,13 +131,13 @@ def test_02_saves_every_cell_with_snapshots_from_step_zero(smoke):
     assert not list((smoke / "saes").glob("*.tmp"))
 
 
-def test_02_rerun_skips_finished_cells(smoke):
-    path = smoke / "saes" / "topk-random__raw.pt"
+def test_02_rerun_skips_finished_cells(run_copy):
+    path = run_copy / "saes" / "topk-random__raw.pt"
     before = path.stat().st_mtime_ns
-    run_stage("02_train_saes", smoke, configurations=["topk-random"], preprocessing=["raw"])
+    run_stage("02_train_saes", run_copy, configurations=["topk-random"], preprocessing=["raw"])
     assert path.stat().st_mtime_ns == before
     with pytest.raises(Exception, match="configurations='topk-randm'"):
-        run_stage("02_train_saes", smoke, configurations=["topk-randm"])
+        run_stage("02_train_saes", run_copy, configurations=["topk-randm"])
 
 
 def test_03_raw_distance_is_below_centered_which_is_below_chance(smoke):

@@ -39,6 +39,16 @@ def test_make_report_is_incremental_and_rejects_unknown_profiles(made):
     assert not (made / "report" / "nope").exists()
 
 
+def test_a_clean_clone_runs_every_stage_despite_the_committed_report(tmp_path):
+    from conftest import tracked_copy
+
+    repo = tracked_copy(tmp_path, outputs=True)
+    plan = subprocess.run(["make", "-n", "report"], cwd=repo, check=True, capture_output=True,
+                          text=True).stdout
+    for stage in STAGES:
+        assert f"report.py default notebooks/{stage}.ipynb" in plan, stage
+
+
 CHECK = """<script>window.addEventListener('load', () => {
   const imgs = [...document.images];
   const broken = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).length;
