@@ -578,6 +578,13 @@ def pairwise(metric: Callable[..., float], items: Sequence, **kwargs) -> list[fl
 # ----------------------------------------------------------------------------- statistics over runs
 
 
+def even_subset(n: int, k: int) -> list[int]:
+    """At most k evenly spaced indices of range(n), first and last included (all when k <= 0)."""
+    if k <= 0 or k >= n:
+        return list(range(n))
+    return sorted({int(round(i)) for i in np.linspace(0, n - 1, max(k, 2))})
+
+
 def pair_matrices(dicts: torch.Tensor) -> dict[str, np.ndarray]:
     """Run-by-run matrices (NaN diagonal) of mean-min, Hungarian cosine distance and matched share.
 

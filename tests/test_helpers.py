@@ -294,3 +294,9 @@ def test_document_splits_are_disjoint_and_hub_loading_fails_clearly_offline():
         list(h.split_documents(docs, "test", 10))
     with pytest.raises(RuntimeError, match="text_source='stdlib'"):  # HF_DATASETS_OFFLINE=1
         next(h.hub_texts("NeelNanda/pile-10k"))
+
+
+def test_even_subset_keeps_the_ends():
+    assert h.even_subset(5, 0) == [0, 1, 2, 3, 4] and h.even_subset(5, 9) == [0, 1, 2, 3, 4]
+    sub = h.even_subset(22, 6)
+    assert sub[0] == 0 and sub[-1] == 21 and len(sub) == 6 and sub == sorted(set(sub))
