@@ -499,10 +499,8 @@ def _cosine(a: torch.Tensor, b: torch.Tensor, center: torch.Tensor | None) -> to
     return unit_rows(a) @ unit_rows(b).T
 
 
-def mean_min_cosine_distance(a: torch.Tensor, b: torch.Tensor,
-                             center: torch.Tensor | None = None) -> float:
-    """Symmetric mean over atoms of the minimum cosine distance to the other dictionary."""
-    cos = _cosine(a, b, center)
+def _mean_min(cos: torch.Tensor) -> float:
+    """Symmetric mean-min cosine distance from a cosine-similarity matrix."""
     return float(((1 - cos.max(1).values).mean() + (1 - cos.max(0).values).mean()) / 2)
 
 
@@ -511,20 +509,28 @@ def _hungarian(cost: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return linear_sum_assignment(cost.detach().cpu().numpy())
 
 
+def _matched_cosines(cos: torch.Tensor) -> torch.Tensor:
+    """Cosines of the one-to-one matching that maximizes total cosine."""
+    r, c = _hungarian(-cos)
+    return cos[r, c]
+
+
+def mean_min_cosine_distance(a: torch.Tensor, b: torch.Tensor,
+                             center: torch.Tensor | None = None) -> float:
+    """Symmetric mean over atoms of the minimum cosine distance to the other dictionary."""
+    return _mean_min(_cosine(a, b, center))
+
+
 def hungarian_cosine_distance(a: torch.Tensor, b: torch.Tensor,
                               center: torch.Tensor | None = None) -> float:
     """Mean cosine distance over the optimal one-to-one matching of atoms (1 - PW-MCC)."""
-    cost = 1 - _cosine(a, b, center)
-    r, c = _hungarian(cost)
-    return float(cost[r, c].mean())
+    return float((1 - _matched_cosines(_cosine(a, b, center))).mean())
 
 
 def matched_share(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.7,
                   center: torch.Tensor | None = None) -> float:
     """Share of Hungarian-matched atom pairs with cosine >= threshold (Paulo & Belrose)."""
-    cos = _cosine(a, b, center)
-    r, c = _hungarian(-cos)
-    return float((cos[r, c] >= threshold).double().mean())
+    return float((_matched_cosines(_cosine(a, b, center)) >= threshold).double().mean())
 
 
 def hungarian_l2_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -595,10 +601,8 @@ def pair_matrices(dicts: torch.Tensor) -> dict[str, np.ndarray]:
     unit = unit_rows(torch.as_tensor(dicts).double())
     for i, j in itertools.combinations(range(s), 2):
         cos = unit[i] @ unit[j].T
-        mm = float(((1 - cos.max(1).values).mean() + (1 - cos.max(0).values).mean()) / 2)
-        r, c = _hungarian(-cos)
-        matched = cos[r, c]
-        for name, v in (("mean_min", mm), ("hungarian", float((1 - matched).mean())),
+        matched = _matched_cosines(cos)
+        for name, v in (("mean_min", _mean_min(cos)), ("hungarian", float((1 - matched).mean())),
                         ("matched_share", float((matched >= 0.7).double().mean()))):
             out[name][i, j] = out[name][j, i] = v
     return out
