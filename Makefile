@@ -7,10 +7,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 STAGES := $(basename $(notdir $(NOTEBOOKS)))
-REPORT_DIR := report/$(PROFILE)
-RUN_DIR := $(shell sed -n 's/^run_dir: *//p' params/$(PROFILE).yaml 2>/dev/null)
+RUN_DIR := runs/$(PROFILE)
+COMMITTED := default smollm2 authors authors-smollm2
+# what each stage writes besides its JSON: a stage re-runs (and verifies, rebuilding what is
+# corrupt) when any of these changed after it finished
+ARTIFACTS_00_language_model := $(wildcard $(RUN_DIR)/model/*)
+ARTIFACTS_01_cache_activations := $(wildcard $(RUN_DIR)/acts_*)
+ARTIFACTS_02_train_saes := $(wildcard $(RUN_DIR)/saes/*)
+ARTIFACTS_04_initialization_ablation := $(wildcard $(RUN_DIR)/metrics/*)
 
-.PHONY: setup test report html check-profile bench clean
+.PHONY: setup test test-fast report lab bench clean
 .DELETE_ON_ERROR:
 
 setup: $(STAMP)
@@ -26,34 +32,38 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-check-profile: $(STAMP)
-	@$(PY) report.py $(PROFILE)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
-# A stage is done when its JSON exists under the profile's run_dir (git-ignored); it re-runs when
-# that JSON is missing (a clean clone) or older than its notebook, the profile, helpers.py or the
-# previous stage. The executed notebook goes to report/<profile>/, then its HTML and JSON.
-report: check-profile
-	@if [ -z "$(NOTEBOOKS)" ]; then echo "make report: no notebooks under notebooks/ yet; nothing to run"; \
-	else $(MAKE) --no-print-directory html PROFILE=$(PROFILE) && $(PY) report.py readme; fi
-
-html: $(addprefix $(REPORT_DIR)/,$(addsuffix .html,$(STAGES)))
-
-$(REPORT_DIR)/%.html: $(RUN_DIR)/%.json
-	$(PY) report.py html $(REPORT_DIR)/$*.ipynb
+# A stage is done when its JSON exists under runs/<profile>/ (git-ignored); it re-runs when that
+# JSON is missing (a clean clone), older than its notebook, the profile, the code, the previous
+# stage or one of its own artifacts. `report.py run` checks every parameter of the profile before
+# anything runs, and writes the executed notebook, its HTML and JSON to report/<profile>/.
+report: $(RUN_DIR)/$(lastword $(STAGES)).json README.md
 
 define stage
-$(RUN_DIR)/$(basename $(notdir $(1))).json: $(1) params/$(PROFILE).yaml helpers.py $(2)
-	@mkdir -p $(REPORT_DIR)
-	$(PY) report.py $(PROFILE) $(1) $(REPORT_DIR)/$(notdir $(1))
-	cp $$@ $(REPORT_DIR)/
+$(RUN_DIR)/$(basename $(notdir $(1))).json: $(1) params/$(PROFILE).yaml helpers.py report.py $(2) \
+    $(ARTIFACTS_$(basename $(notdir $(1)))) | $(STAMP)
+	$(PY) report.py run $(PROFILE) $(1)
 endef
 # stage i also waits for stage i-1
 $(foreach i,$(shell seq 1 $(words $(STAGES))),$(eval $(call stage,$(word $(i),$(NOTEBOOKS)),\
   $(if $(filter 1,$(i)),,$(RUN_DIR)/$(word $(shell echo $$(($(i)-1))),$(STAGES)).json))))
+
+# an unknown profile: the runner says which profiles exist
+params/%.yaml:
+	@$(PY) report.py check $*
+
+# The README's generated blocks come from the committed profiles' report JSON only.
+README.md: readme.py $(foreach p,$(COMMITTED),$(wildcard report/$(p)/*.json)) | $(STAMP)
+	$(PY) readme.py
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_cache.py
 
 clean:
-	rm -rf runs/ .pytest_cache __pycache__ tests/__pycache__
+	rm -rf runs/ report/smoke/ .pytest_cache __pycache__ tests/__pycache__

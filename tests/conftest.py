@@ -31,13 +31,20 @@ def tracked_copy(dest: Path, outputs: bool = False) -> Path:
     return dest
 
 
+def run(cmd: list[str], cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
+    """Run a command in cwd with the project's Python first on PATH; check its status if ok."""
+    env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    if ok:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
 @pytest.fixture(scope="session")
 def made(tmp_path_factory) -> Path:
     """A repository copy after `make report PROFILE=smoke`, as a user runs it."""
     repo = tracked_copy(tmp_path_factory.mktemp("repo"))
-    done = subprocess.run(["make", "report", "PROFILE=smoke"], cwd=repo, capture_output=True,
-                          text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run(["make", "report", "PROFILE=smoke"], repo)
     return repo
 
 
@@ -45,3 +52,9 @@ def made(tmp_path_factory) -> Path:
 def smoke(made) -> Path:
     """The smoke profile's run folder of that pipeline run."""
     return made / "runs" / "smoke"
+
+
+@pytest.fixture
+def run_copy(smoke, tmp_path) -> Path:
+    """A copy of the smoke run folder (mtimes kept), for tests that re-run or break stages."""
+    return Path(shutil.copytree(smoke, tmp_path / "run", symlinks=True))

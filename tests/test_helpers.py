@@ -1,6 +1,9 @@
-"""Known-answer tests of the SAE core: metrics, models, initializations and the trainer."""
+"""Known-answer tests of helpers.py: metrics, models, kernels, the trainer and the decisions."""
 
 from __future__ import annotations
+
+import itertools
+import math
 
 import numpy as np
 import pytest
@@ -13,9 +16,20 @@ def random_dict(n: int, d: int, seed: int) -> torch.Tensor:
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
 
 
+def stacked(models, kind: str) -> dict:
+    """Parameters (kind='parameters') or buffers of same-shape models, stacked over runs."""
+    named = [dict(getattr(m, f"named_{kind}")()) for m in models]
+    return {n: torch.stack([d[n].detach() for d in named]) for n in named[0]}
+
+
 @pytest.fixture(scope="module")
 def toy() -> torch.Tensor:
     return h.galaxy_toy_data(4096, 64, 20.0, seed=0)
+
+
+@pytest.fixture(scope="module")
+def data() -> torch.Tensor:
+    return h.galaxy_toy_data(4096, 16, 8.0, seed=3)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -46,6 +60,16 @@ def test_hungarian_is_never_below_mean_min():
         assert h.hungarian_cosine_distance(a, b) >= h.mean_min_cosine_distance(a, b) - 1e-12
 
 
+def test_zero_atoms_count_as_maximally_distant_without_nan():
+    a = random_dict(10, 6, 0)
+    b = a.clone()
+    b[7:] = 0.0  # three atoms that never left zero
+    assert h.hungarian_cosine_distance(a, b) == pytest.approx(0.3, abs=1e-12)  # 3 of 10 at distance 1
+    m = h.pair_matrices(torch.stack([a, b]))
+    assert all(np.isfinite(v[0, 1]) for v in m.values())
+    assert m["matched_share"][0, 1] == pytest.approx(0.7)
+
+
 def test_galaxy_far_away_toy_matches_the_brief(toy):
     """science.md: raw k-means dictionaries look ~0.02 apart, centered ~0.4, random ~0.7."""
     a = h.kmeans_centroids(toy, 64, seed=0)
@@ -64,6 +88,7 @@ def test_fvu_punishes_a_mean_only_reconstruction_that_scalar_r2_rewards():
     assert h.fvu(toy, mean_only) == pytest.approx(1.0, abs=1e-12)
     assert h.scalar_mean_r2(toy, mean_only) > 0.9
     assert h.fvu(toy, toy) == 0.0
+    assert float(h.fvu_of_mse(toy.var(0, unbiased=False).mean(), toy)) == pytest.approx(1.0, rel=1e-5)
 
 
 def test_activation_correlation_of_permuted_codes_is_one():
@@ -79,9 +104,37 @@ def test_l0_dead_fraction_and_pairwise():
     codes[:, :3] = 1.0
     assert h.l0(codes) == 3.0
     assert h.dead_fraction(codes) == pytest.approx(5 / 8)
-    dicts = [random_dict(10, 4, s) for s in range(5)]
-    vals = h.pairwise(h.mean_min_cosine_distance, dicts)
-    assert len(vals) == 10 and all(v > 0 for v in vals)
+    m = h.pair_matrices(torch.stack([random_dict(10, 4, s) for s in range(5)]))
+    assert np.isnan(np.diag(m["mean_min"])).all() and (m["mean_min"][~np.eye(5, dtype=bool)] > 0).all()
+
+
+# ----------------------------------------------------------------------------- sparse kernels
+
+
+def test_compiled_kernels_equal_the_torch_path(monkeypatch):
+    if h.kernel_backend() != "C":
+        pytest.skip("no C compiler: the torch path is the only one")
+    gen = torch.Generator().manual_seed(0)
+    pre = torch.randn(300, 96, generator=gen)
+    idx = torch.randint(0, 50, (300, 6), generator=gen)
+    w, w2 = torch.rand(300, 6, generator=gen), torch.randn(300, 6, generator=gen)
+    rows, rows2, table = (torch.randn(300, 24, generator=gen), torch.randn(300, 24, generator=gen),
+                          torch.randn(50, 24, generator=gen))
+    mat = torch.rand(40, 30, generator=gen) - 0.3
+    c = (h.topk_rows(pre, 7), h.gather_sum(idx, w, table), h.gather_dot(idx, rows, table),
+         h.scatter_sum2(idx, 50, w, rows, w2, rows2))
+    c_mat = mat.clone()
+    h.project_archetypal_(c_mat, torch.zeros(40, 3), 1.0)
+    monkeypatch.setattr(h, "_use_c", lambda *t: False)
+    t = (h.topk_rows(pre, 7), h.gather_sum(idx, w, table), h.gather_dot(idx, rows, table),
+         h.scatter_sum2(idx, 50, w, rows, w2, rows2))
+    t_mat = mat.clone()
+    h.project_archetypal_(t_mat, torch.zeros(40, 3), 1.0)
+    assert torch.equal(c[0][1], t[0][1]) and torch.equal(c[0][0], t[0][0])  # same set, same order
+    assert torch.equal(c[0][1], pre.topk(7, -1).indices.sort(-1).values)
+    for a, b in ((c[1], t[1]), (c[2], t[2]), *zip(c[3], t[3]), (c_mat, t_mat)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(c_mat.sum(-1), torch.ones(40)) and (c_mat >= 0).all()
 
 
 # ----------------------------------------------------------------------------- models
@@ -99,42 +152,115 @@ def test_topk_sae_keeps_exactly_k_latents():
     assert ((codes != 0).sum(-1) <= 5).all() and (codes >= 0).all()
 
 
-def test_archetypal_atoms_start_on_the_candidates():
+def test_archetypal_atoms_start_on_the_candidates_and_past_them_at_zero():
     cand = torch.randn(12, 6) + 5
-    sae = h.RelaxedArchetypalSAE(6, 10, 3, cand)
-    assert torch.allclose(sae.dictionary(), cand[:10])
+    assert torch.allclose(h.RelaxedArchetypalSAE(6, 10, 3, cand).dictionary(), cand[:10])
+    wide = h.RelaxedArchetypalSAE(6, 20, 3, cand)  # the reference's W = eye(20, 12)
+    assert torch.allclose(wide.dictionary()[:12], cand) and (wide.dictionary()[12:] == 0).all()
+    x = torch.randn(300, 6) + 5
+    topk = h.make_sae("topk", "kmeans-shared", x, 20, 3, 0, n_candidates=12, match_scale=False)
+    assert (topk.W_dec[12:] == 0).all() and torch.allclose(topk.W_dec[:12].norm(dim=1), torch.ones(12))
 
 
-@pytest.mark.parametrize("arch", ["topk", "ra"])
-def test_batched_gradients_equal_autograd(arch):
+def test_start_scale_matches_the_data_and_keeps_every_selected_latent(data):
+    for arch in ("topk", "ra"):
+        raw = h.make_sae(arch, "kmeans-independent" if arch == "ra" else "random", data, 24, 4, 0,
+                         match_scale=False)
+        scaled = h.make_sae(arch, "kmeans-independent" if arch == "ra" else "random", data, 24, 4, 0)
+        (v0, i0), (v1, i1) = raw.encode(data), scaled.encode(data)
+        assert torch.equal(i0, i1) and torch.allclose(raw.dictionary(), scaled.dictionary())
+        recon = scaled.decode(v1, i1).detach() - (scaled.b_pre.detach() if arch == "topk" else 0)
+        target = data - (scaled.b_pre.detach() if arch == "topk" else 0)
+        assert float(recon.norm() / target.norm()) == pytest.approx(1.0, rel=1e-4)
+
+
+@pytest.mark.parametrize("arch,kw", [("topk", {}), ("ra", {}), ("ra", {"center_encoder": True}),
+                                     ("topk", {"pre_bias": False})])
+def test_batched_gradients_equal_autograd(arch, kw):
     x = torch.randn(256, 16) * 2 + 3
-    models = [h.make_sae(arch, "random", x, 32, 4, seed=s) for s in (1, 2)]
+    models = [h.make_sae(arch, "random", x, 32, 4, seed=s, **kw) for s in (1, 2)]
     xb = torch.stack([x[:64], x[64:128]])
     for m, xi in zip(models, xb):
         x_hat, _ = m(xi)
-        (x_hat - xi).pow(2).sum(-1).mean().backward()
-    names = [n for n, _ in models[0].named_parameters()]
-    params = {n: torch.stack([getattr(m, n).detach() for m in models]) for n in names}
-    cand = torch.stack([m.candidates for m in models]) if arch == "ra" else None
-    _, grads = h.stacked_grads(arch, params, cand, xb, 4)
-    for n in names:
+        (x_hat - xi).pow(2).mean().backward()  # the reference library's MSE
+    _, grads, norms, _ = h.stacked_grads(arch, stacked(models, "parameters"),
+                                         stacked(models, "buffers"), xb, 4)
+    for n, _ in models[0].named_parameters():
         ref = torch.stack([getattr(m, n).grad for m in models])
         assert torch.allclose(grads[n], ref, rtol=1e-4, atol=1e-5 * ref.abs().max()), n
+    ref_norms = [torch.nn.utils.get_total_norm([p.grad for p in m.parameters()]) for m in models]
+    assert torch.allclose(norms, torch.stack(ref_norms), rtol=1e-4)
+
+
+def test_dead_penalty_and_auxk_gradients_equal_autograd():
+    x = torch.randn(8, 12) * 2 + 1  # 8 tokens x 3 slots: some of the 20 live latents stay silent
+    sae = h.TopKSAE(12, 40, 3, seed=0)
+    with torch.no_grad():
+        sae.b_pre.copy_(x.mean(0))
+        sae.b_enc[:20] -= 50.0  # latents 0..19 never fire: dead in the batch
+    pre = (x - sae.b_pre) @ sae.W_enc.T + sae.b_enc
+    vals, idx = pre.topk(3, dim=-1)
+    z = torch.zeros_like(pre).scatter(-1, idx, vals.clamp_min(0))
+    err = z @ sae.W_dec + sae.b_pre - x
+    dead = z.detach().eq(0).all(0)  # silent on the whole batch: 0..19 and others
+    assert dead[:20].all() and dead[20:].any()
+    aux_pre = pre.masked_fill(~dead, -math.inf)
+    a_vals, a_idx = aux_pre.topk(8, dim=-1)
+    z_aux = torch.zeros_like(pre).scatter(-1, a_idx, torch.nan_to_num(a_vals, neginf=0.0).clamp_min(0))
+    loss = err.pow(2).mean() + (1 / 32) * (z_aux @ sae.W_dec + err.detach()).pow(2).mean() \
+        - 0.1 * pre[:, dead].mean()  # AuxK on the residual, and the authors' dead-latent term
+    assert (z_aux > 0).any()  # some dead latents have positive pre-activations: AuxK acts
+    loss.backward()
+    params = stacked([sae], "parameters")
+    _, grads, fired = h.sae_grads(x.unsqueeze(0), params["W_enc"], params["b_enc"], params["b_pre"],
+                                  params["W_dec"], 3, dead_penalty=0.1, aux_dead=dead.unsqueeze(0),
+                                  aux_k=8)
+    assert torch.equal(fired[0] == 0, dead)
+    for n, g in (("W_enc", grads["W_enc"]), ("b_enc", grads["b_enc"]), ("b_pre", grads["b_pre"]),
+                 ("W_dec", grads["dictionary"])):
+        ref = getattr(sae, n).grad
+        assert torch.allclose(g[0], ref, rtol=1e-4, atol=1e-5 * ref.abs().max()), n
+    assert (grads["b_enc"][0, :20] < 0).all()  # a dead latent's pre-activation is pushed up
 
 
 # ----------------------------------------------------------------------------- training
 
 
-@pytest.fixture(scope="module")
-def data() -> torch.Tensor:
-    return h.galaxy_toy_data(4096, 16, 8.0, seed=3)
-
-
-def train(arch, init, data, seeds=(0, 1, 2), steps=12, **kw):
+def train(arch, init, data, seeds=(0, 1, 2), steps=12, lr=3e-3, **kw):
+    train_kw = {k: kw.pop(k) for k in ("clip_grad", "lr_decay", "dead_penalty") if k in kw}
     models = [h.make_sae(arch, init, data, 24, 4, seed=s, **kw) for s in seeds]
-    out = h.train_saes(models, data, list(seeds), 64 * steps, 64, lr=3e-3, progress=False,
-                       device="cpu")
+    out = h.train_saes(models, data, list(seeds), 64 * steps, 64, lr=lr, progress=False,
+                       device="cpu", **train_kw)
     return models, out
+
+
+@pytest.mark.parametrize("arch", ["topk", "ra"])
+def test_clipped_multi_seed_training_equals_each_seed_trained_alone(data, arch):
+    """train_saes with per-run clipping == each seed alone with clip_grad_norm_ and Adam."""
+    seeds, steps, batch, lr, clip = [3, 7], 6, 64, 1e-2, 0.05
+    make = lambda: [h.make_sae(arch, "kmeans-independent", data, 24, 4, s) for s in seeds]  # noqa: E731
+    together = make()
+    out = h.train_saes(together, data, seeds, batch * steps, batch, lr, snapshots=[],
+                       clip_grad=clip, device="cpu", progress=False)
+    assert min(out["clipped"]) == 1.0  # the clip is active, not vacuous
+    for s, m in zip(seeds, make()):
+        opt = torch.optim.Adam(m.parameters(), lr=lr)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(s))
+        for step in range(steps):
+            xb = data[order[step * batch:(step + 1) * batch].sort().values]
+            x_hat, _ = m.train()(xb)
+            opt.zero_grad()
+            (x_hat - xb).pow(2).mean().backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), clip)
+            opt.step()
+            with torch.no_grad():
+                if arch == "topk":
+                    m.W_dec.copy_(h.unit_rows(m.W_dec))
+                else:
+                    m.project_()
+        alone = dict(m.named_parameters())
+        for n, p in together[seeds.index(s)].named_parameters():
+            assert torch.allclose(p, alone[n], rtol=1e-3, atol=1e-5), (arch, s, n)
 
 
 def test_topk_atoms_stay_unit_norm_and_loss_falls(data):
@@ -166,7 +292,7 @@ def test_step_zero_dictionaries_are_shared_only_under_kmeans_shared(data, arch, 
     _, out = train(arch, init, data, steps=2)
     step0 = out["dictionaries"][0]
     assert out["tokens"][0] == 0
-    dist = h.pairwise(h.mean_min_cosine_distance, list(step0))
+    dist = [h.mean_min_cosine_distance(a, b) for a, b in itertools.combinations(step0, 2)]
     if shared:
         assert all(torch.equal(step0[0], s) for s in step0) and max(dist) < 1e-12
     else:
@@ -185,10 +311,28 @@ def test_training_is_deterministic_and_memmap_equals_tensor(data, tmp_path):
     assert torch.equal(a["dictionaries"], c["dictionaries"])
 
 
+def test_learning_rate_decay_freezes_the_last_step(data):
+    models, _ = train("topk", "random", data, steps=10, lr_decay=0.1)  # the last step has lr 0
+    before = [m.W_enc.detach().clone() for m in models]
+    _, out = train("topk", "random", data, steps=9, lr_decay=0.0)
+    assert len(out["loss"]) == 9 and all(torch.isfinite(b).all() for b in before)
+
+
+def test_non_finite_data_stops_training_and_nothing_is_saved(data, tmp_path):
+    bad = data.clone()
+    bad[100:105] = float("nan")
+    models = [h.make_sae("topk", "random", data, 24, 4, seed=s) for s in (0, 1)]
+    path = tmp_path / "cell.safetensors"
+    with pytest.raises(FloatingPointError, match="non-finite loss at step"):
+        h.cached_result(path, {"k": 1}, lambda: h.train_saes(models, bad, [0, 1], 64 * 80, 64,
+                                                             progress=False, device="cpu"))
+    assert not list(tmp_path.iterdir())
+
+
 def test_snapshot_schedule_is_log_dense_early_and_regular_later():
     steps = h.snapshot_steps(1000, n_log=12, n_linear=8)
     assert steps[0] == 0 and steps[-1] == 1000 and steps == sorted(set(steps))
-    assert steps[1:4] == [1, 2, 4] or steps[1] == 1
+    assert steps[1:4] == [1, 2, 4]
     assert {125, 250, 500, 750} <= set(steps)
     assert len([s for s in steps if s < 100]) >= 6  # dense early
 
@@ -203,12 +347,34 @@ def test_snapshot_schedule_is_log_dense_early_and_regular_later():
     (lambda x: h.make_sae("mlp", "random", x, 8, 2, 0), "arch='mlp'.*topk"),
     (lambda x: h.RelaxedArchetypalSAE(8, 4, 2, torch.randn(4, 8), delta=-1.0), "delta=-1.0"),
     (lambda x: h.make_sae("ra", "random", torch.where(x > 0, x, torch.nan), 8, 2, 0), "NaN"),
-    (lambda x: h.make_sae("ra", "random", x, 8, 2, 0, n_candidates=4), "n_candidates=4"),
+    (lambda x: h.make_sae("ra", "random-points", x, 8, 2, 0, n_candidates=500), "n_candidates=500"),
     (lambda x: h.resolve_device("tpu"), "device='tpu'"),
+    (lambda x: h.check_seeds([0, 0, 1]), r"seeds=\[0, 0, 1\] repeats a seed"),
+    (lambda x: h.check_seeds("0,1"), "seeds='0,1' must be a non-empty list"),
+    (lambda x: h.check_seeds(3), "seeds=3 must be a non-empty list"),
 ])
 def test_bad_parameters_fail_fast_with_a_clear_message(call, match):
     with pytest.raises(ValueError, match=match):
         call(torch.randn(100, 8))
+
+
+def test_cuda_without_a_gpu_names_the_parameter():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="device='cuda'.*no CUDA"):
+        h.resolve_device("cuda")
+
+
+@pytest.mark.parametrize("params,match", [
+    ({"k": "4O"}, "k='4O' must be an integer >= 1"), ({"sae_lr": 0}, "sae_lr=0 must be a number > 0"),
+    ({"device": "gpu"}, "device='gpu'"), ({"seeds": [0, 0]}, "seeds=.0, 0. must be"),
+    ({"configurations": ["topk-randm"]}, "configurations=.*distinct names"),
+    ({"lr_decay": 1.0}, r"lr_decay=1.0 must be a number in \[0, 1\)"),
+    ({"drop_first": "yes"}, "drop_first='yes' must be true or false")])
+def test_check_parameters_names_the_parameter_and_the_rule(params, match):
+    with pytest.raises(ValueError, match=match):
+        h.check_parameters(params)
+    h.check_parameters({"k": 4, "clip_grad": None, "seeds": [0, 1], "unknown_to_helpers": object()})
 
 
 def test_trainer_rejects_mismatched_inputs(data):
@@ -219,9 +385,98 @@ def test_trainer_rejects_mismatched_inputs(data):
         h.train_saes(models, data[:, :8], [0], 640, 64, progress=False)
     with pytest.raises(ValueError, match="snapshots"):
         h.train_saes(models, data, [0], 640, 64, snapshots=[0, 99], progress=False)
+    with pytest.raises(ValueError, match="clip_grad=0"):
+        h.train_saes(models, data, [0], 640, 64, clip_grad=0, progress=False)
 
 
-# ----------------------------------------------------------------------------- grid statistics
+def test_a_request_beyond_the_corpus_fails_before_any_tokenizing():
+    class NoTokenizing:
+        def __call__(self, *a, **k):
+            raise AssertionError("tokenized")
+
+    with pytest.raises(ValueError, match="n_tokens=10,000,000,000 needs more train text"):
+        h.text_tokens("stdlib", NoTokenizing(), "train", 10**10)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def test_json_refuses_nan_and_names_where(tmp_path):
+    with pytest.raises(ValueError, match=r"endpoint.fvu\[1\]"):
+        h.write_json_atomic(tmp_path / "a.json", {"endpoint": {"fvu": [0.1, float("nan")]}})
+    assert not list(tmp_path.iterdir())
+
+
+def test_results_round_trip_and_corruption_is_named_and_recomputed(tmp_path, capsys):
+    calls = []
+    result = {"dictionaries": torch.randn(3, 4, 5), "seeds": [0, 1, 2],
+              "state_dicts": [{"W": torch.ones(2, 2)}, {"W": torch.zeros(2, 2)}]}
+    compute = lambda: calls.append(1) or result  # noqa: E731
+    path = tmp_path / "cell.safetensors"
+    a = h.cached_result(path, {"k": 1}, compute)
+    b = h.cached_result(path, {"k": 1}, compute)
+    assert len(calls) == 1 and torch.equal(b["dictionaries"], result["dictionaries"])
+    assert b["seeds"] == [0, 1, 2] and torch.equal(b["state_dicts"][1]["W"], torch.zeros(2, 2))
+    h.cached_result(path, {"k": 2}, compute)  # other metadata: recomputed
+    assert len(calls) == 2
+    raw = bytearray(path.read_bytes())
+    raw[-64:] = np.arange(16, dtype=np.float32).tobytes()  # finite garbage in the tensor data
+    path.write_bytes(bytes(raw))
+    assert h.load_result(path, {"k": 2}) is None
+    err = capsys.readouterr().err
+    assert f"{path}: checksum mismatch" in err
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    assert h.load_result(path, {"k": 2}) is None
+    import pickle
+
+    path.write_bytes(pickle.dumps({"evil": 1}))  # a pickle in place of the tensors: never unpickled
+    assert h.load_result(path, {"k": 2}) is None
+    assert a["meta"] == {"k": 1}
+
+
+def test_code_identity_follows_exactly_the_functions_used():
+    train = h.code_sources(h.train_cell)
+    assert {"train_saes", "make_sae", "kmeans_centroids", "sae_grads", "_KERNELS_C"} <= set(train)
+    assert "fvu" not in train and "cell_trajectory" not in train
+    assert "train_cell" not in h.code_sources(h.cell_trajectory)
+    assert h.code_hash(h.train_cell) != h.code_hash(h.cell_trajectory)
+
+
+def test_a_second_run_on_one_folder_is_refused_naming_the_lock(tmp_path):
+    held = h.lock_run_dir(tmp_path)
+    import subprocess
+    import sys
+
+    other = subprocess.run([sys.executable, "-c", f"import helpers as h; h.lock_run_dir({str(tmp_path)!r})"],
+                           capture_output=True, text=True)
+    assert other.returncode != 0 and ".lock is locked by pid" in other.stderr
+    held.close()
+    h.lock_run_dir(tmp_path).close()  # free again once the holder is gone
+
+
+def test_cache_checksum_catches_modification(tmp_path):
+    path = tmp_path / "acts.npy"
+    np.save(path, np.ones((10, 4), dtype=np.float32))
+    h.write_json_atomic(path.with_suffix(".json"), {"model_name": "m", "shape": [10, 4],
+                                                    "sha256": h.file_sha256(path)})
+    assert h.load_cache(path, {"model_name": "m"}) is not None
+    arr = np.load(path, mmap_mode="r+")
+    arr[3] = np.nan
+    arr.flush()
+    del arr
+    assert h.load_cache(path, {"model_name": "m"}) is None
+    with pytest.raises(FileNotFoundError, match="acts.npy does not match its recorded shape and checksum"):
+        h.open_cache(path)
+
+
+# ----------------------------------------------------------------------------- statistics and decisions
+
+
+def pair_matrix(values: np.ndarray) -> np.ndarray:
+    """A symmetric run-by-run matrix with NaN diagonal whose pair (i, j) is values[i] + values[j]."""
+    m = values[:, None] + values[None, :]
+    np.fill_diagonal(m, np.nan)
+    return m
 
 
 def test_pair_matrices_agree_with_the_single_pair_metrics():
@@ -249,30 +504,94 @@ def test_bootstrap_over_runs_brackets_the_mean_and_detects_a_difference():
     assert v[0] == 2.0 and 1.0 <= v[1] < 2.0 < v[2] <= 3.0
 
 
+def test_comparison_outcomes_on_known_cases():
+    near = pair_matrix(np.array([0.05, 0.06, 0.04, 0.05, 0.05]))
+    far = pair_matrix(np.array([0.30, 0.31, 0.29, 0.30, 0.30]))
+    assert h.compare_runs(near, far, 500, 0)["outcome"] == h.CLOSER
+    assert h.compare_runs(far, near, 500, 0)["outcome"] == h.FURTHER
+    assert h.compare_runs(near, near, 500, 0)["outcome"] == h.NO_DIFFERENCE
+    assert h.compare_runs(far, near, 500, 0, agreement=True)["outcome"] == h.AGREES_MORE
+    assert h.compare_runs(near, far, 500, 0, agreement=True)["outcome"] == h.AGREES_LESS
+    res = h.compare_runs(near, far, 500, 0)
+    assert res["difference"] == pytest.approx(-0.5) and res["lo"] <= res["difference"] <= res["hi"]
+
+
+def test_flattening_tells_a_settled_trajectory_from_a_moving_one():
+    base = pair_matrix(np.array([0.20, 0.21, 0.19, 0.20]))
+    tokens = [0, 250, 500, 750, 800, 900, 1000]
+    settled = np.stack([base + 0.3, base + 0.1, base, base, base, base + 0.001, base])
+    moving = np.stack([base + 0.3 - 0.05 * i for i in range(7)])
+    a = h.flattening(settled, tokens, 0.2, 0.01, 500, 0)
+    b = h.flattening(moving, tokens, 0.2, 0.01, 500, 0)
+    assert a["flat"] and a["from_tokens"] == 800 and abs(a["change"]) < 1e-12
+    assert not b["flat"] and b["change"] == pytest.approx(-0.1)
+
+
+def test_quality_gate_flags_what_did_not_learn_or_settle():
+    assert h.quality_gate(0.12, True, 0.4) == []
+    assert h.quality_gate(1.3, True, 0.4) == ["held-out FVU 1.30 > 0.4 (worse than predicting the mean)"]
+    assert h.quality_gate(0.5, False, 0.4, -0.05)[1].startswith("trajectory still moving (-0.050")
+    assert len(h.quality_gate(float("nan"), True, 0.4)) == 1  # a NaN FVU never passes
+
+
+def test_tests_skip_excluded_cells_and_the_verdict_follows_them():
+    steps = lambda start, end: np.stack([pair_matrix(np.full(4, v / 2)) for v in (start, end)])  # noqa: E731
+    traj = {("topk-random", "raw"): {"mean_min": steps(0.7, 0.4), "hungarian": steps(0.7, 0.4)},
+            ("ra-kmeans-independent", "raw"): {"mean_min": steps(0.05, 0.08), "hungarian": steps(0.05, 0.08)},
+            ("ra-random-points", "raw"): {"mean_min": steps(0.3, 0.1), "hungarian": steps(0.3, 0.1)}}
+    tests, skipped = h.falsification_tests(traj, ["raw"], {}, 200, 0)
+    assert len(tests) == 4 and skipped == [] and all(t["outcome"] == h.CLOSER for t in tests)
+    adv, _ = h.stabilization_tests(traj, ["raw"], {}, 200, 0)
+    assert [t["stabilization_advantage"] for t in adv] == [False, False, False, False]
+    assert "inherited, not found" in h.verdict(tests, adv)
+    traj["ra-random-points", "raw"] = {"mean_min": steps(0.7, 0.1), "hungarian": steps(0.7, 0.1)}
+    adv, _ = h.stabilization_tests(traj, ["raw"], {}, 200, 0)
+    assert h.verdict(tests, adv).startswith("FALSIFIED")
+    excluded = {("ra-random-points", "raw"): ["held-out FVU 1.20 > 0.4"]}
+    tests, skipped = h.falsification_tests(traj, ["raw"], excluded, 200, 0)
+    assert {t["challenger"] for t in tests} == {"ra-kmeans-independent"}
+    assert skipped == ["ra-random-points vs topk-random, raw: excluded, ra-random-points (raw): "
+                       "held-out FVU 1.20 > 0.4"]
+    none, skipped = h.falsification_tests(traj, ["raw"], {("topk-random", "raw"): ["x"]}, 200, 0)
+    assert none == [] and len(skipped) == 2 and h.verdict([], [], skipped).startswith("no test could run")
+    assert h.verdict([], []).startswith("not tested: the grid has no archetypal configuration")
+    far = [{"outcome": h.FURTHER}]
+    assert h.verdict(far, []).startswith("not falsified")
+
+
+def test_stability_table_tells_shared_starts_from_stabilizing_ones():
+    shared = np.stack([pair_matrix(np.zeros(3)), pair_matrix(np.full(3, 0.05))])
+    falls = np.stack([pair_matrix(np.full(3, 0.3)), pair_matrix(np.full(3, 0.1))])
+    tab = h.stability_table({("a", "raw"): {"hungarian": shared}, ("b", "raw"): {"hungarian": falls}}, 200, 0)
+    assert tab["a", "raw"]["shared_start"] and not tab["a", "raw"]["stabilizes"]
+    assert tab["b", "raw"]["stabilizes"] and tab["b", "raw"]["end_minus_step0"] == pytest.approx(-0.4)
+
+
+def test_the_authors_pattern_holds_on_their_own_numbers_and_not_on_its_opposite():
+    assert all(h.authors_pattern(h.AUTHORS_TABLE3).values())
+    flipped = {**h.AUTHORS_TABLE3, ("ra-kmeans-shared", "centered"): 0.05,
+               ("topk-kmeans-shared", "raw"): 0.25}
+    pattern = h.authors_pattern(flipped)
+    assert not pattern["raw_shared_far_closer"] and not pattern["centering_pulls_ra_apart"]
+    assert pattern["unconstrained_stay_close"]
+    assert not any(h.authors_pattern({}).values())  # missing cells never count as holding
+
+
+def test_ground_truth_summary_reads_its_numbers_either_way():
+    agree = {"a": {"recovered": 0.9, "hungarian_between_runs": 0.1},
+             "b": {"recovered": 0.2, "hungarian_between_runs": 0.5}}
+    assert "also the most correct" in h.ground_truth_summary(agree)
+    disagree = {"a": {"recovered": 0.9, "hungarian_between_runs": 0.4},
+                "b": {"recovered": 0.2, "hungarian_between_runs": 0.01}}
+    assert "Stability is not correctness: the most stable configuration recovers 20%" in \
+        h.ground_truth_summary(disagree)
+
+
 def test_synthetic_dictionary_is_recovered_by_itself_and_not_by_noise():
     x, true = h.sparse_synthetic_data(1000, 16, 32, 3, mean_norm=10.0, seed=0)
     assert x.shape == (1000, 16) and float(x.mean(0).norm()) > 5
     assert h.recovery(true, true) == 1.0
     assert h.recovery(random_dict(32, 16, 5), true) < 0.1
-
-
-def test_verdict_follows_the_two_tests():
-    assert h.verdict(None, None).startswith("the tests could not run")
-    assert h.verdict(False, False).startswith("not falsified")
-    assert h.verdict(True, True).startswith("FALSIFIED")
-    assert "inherited" in h.verdict(True, False)
-
-
-def test_cached_result_computes_once_and_recomputes_on_other_metadata(tmp_path):
-    calls = []
-    compute = lambda: calls.append(1) or {"value": torch.ones(2)}
-    a = h.cached_result(tmp_path / "r.pt", {"k": 1}, compute)
-    b = h.cached_result(tmp_path / "r.pt", {"k": 1}, compute)
-    c = h.cached_result(tmp_path / "r.pt", {"k": 2}, compute)
-    assert len(calls) == 2 and torch.equal(a["value"], b["value"]) and c["meta"] == {"k": 2}
-    assert not list(tmp_path.glob("*.tmp"))
-    with pytest.raises(ValueError, match="configurations='nope'"):
-        h.check_grid(["topk-random", "nope"], ["raw"])
 
 
 def test_entropy_and_activation_statistics_on_known_cases():

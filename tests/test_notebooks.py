@@ -1,4 +1,5 @@
-"""Papermill smoke runs of the notebooks and tests of the model loading and activation cache."""
+"""Papermill smoke runs of the notebooks, the model and the activation cache, and the run folder's
+defences: bad data, stale or corrupt results, overrides and concurrent runs never reach a number."""
 
 from __future__ import annotations
 
@@ -7,40 +8,54 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import papermill as pm
 import pytest
 import torch
+from conftest import run, tracked_copy
 
 import helpers as h
 import report
 
+pytestmark = pytest.mark.slow
 NB = Path(__file__).resolve().parents[1] / "notebooks"
 
 
 def run_stage(name: str, run_dir: Path, **overrides) -> dict:
     """Run notebook `name` with the smoke profile into run_dir; return the JSON it wrote."""
-    params = {**report.load_profile("smoke"), "run_dir": str(run_dir),
-              "figures_dir": str(run_dir / "figures"), **overrides}
-    report.run(NB / f"{name}.ipynb", run_dir / "executed" / f"{name}.ipynb", params)
+    params = report.resolve("smoke", {"run_dir": str(run_dir), **overrides})
+    report.run(NB / f"{name}.ipynb", params, run_dir / "report" / f"{name}.ipynb")
     return json.loads((run_dir / f"{name}.json").read_text())
 
 
+def numbers(abl: dict) -> dict:
+    """The parts of notebook 04's JSON that are numbers of the science (not timings)."""
+    return {k: abl[k] for k in ("endpoint", "falsification", "stabilization", "synthetic", "verdict")}
+
+
+def mtimes(folder: Path) -> dict:
+    """File -> modification time, for every file under folder."""
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- 00, 01
 def test_00_trains_and_saves_a_bootable_model(smoke):
     res = json.loads((smoke / "00_language_model.json").read_text())
     model_dir = smoke / "model"
     for f in ("config.json", "model.safetensors", "tokenizer.json", "meta.json"):
         assert (model_dir / f).is_file(), f
+    assert h.read_meta(model_dir / "meta.json")["sha256"] == h.file_sha256(model_dir / "model.safetensors")
     assert res["vocab"] == 512 and res["n_params"] > 10_000
     assert np.isfinite(res["heldout_loss"]) and res["heldout_loss"] < np.log(512)
     assert 0 < res["unigram_entropy"] < np.log(512)
-    assert (smoke / "figures" / "00_lm_loss.png").is_file()
-    assert (smoke / "figures" / "00_lm_loss.pdf").is_file()
-    assert not list(smoke.glob("*.tmp"))
+    for ext in ("png", "pdf"):
+        assert (smoke / "figures" / f"00_lm_loss.{ext}").is_file()
+    assert not list(smoke.rglob("*.tmp"))
 
 
-def test_01_caches_the_requested_vectors_and_layer_statistics(smoke):
+def test_01_caches_the_requested_vectors_with_a_checksum(smoke):
     res = json.loads((smoke / "01_cache_activations.json").read_text())
-    train = np.load(smoke / "acts_train.npy", mmap_mode="r")
-    held = np.load(smoke / "acts_heldout.npy", mmap_mode="r")
+    train = h.open_cache(smoke / "acts_train.npy")
+    held = h.open_cache(smoke / "acts_heldout.npy")
     assert train.shape == (4000, 32) and held.shape == (1000, 32)
     assert np.isfinite(train).all() and train.std() > 0
     assert res["hook"] == "blocks.1.hook_resid_post" and len(res["layer_stats"]) == 2
@@ -49,19 +64,13 @@ def test_01_caches_the_requested_vectors_and_layer_statistics(smoke):
     assert abs(stats["cos_centered"]) < stats["cos_raw"]
 
 
-@pytest.fixture
-def run_copy(smoke, tmp_path) -> Path:
-    """A copy of the smoke run folder (mtimes kept), for tests that re-run stages."""
-    return Path(shutil.copytree(smoke, tmp_path / "run"))
-
-
 def test_rerun_reuses_the_model_and_the_cache(run_copy):
-    npy = run_copy / "acts_train.npy"
-    before = npy.stat().st_mtime_ns
+    before = mtimes(run_copy / "model") | mtimes(run_copy)
     res00 = run_stage("00_language_model", run_copy)
     run_stage("01_cache_activations", run_copy)
     assert res00["reused"] is True
-    assert npy.stat().st_mtime_ns == before  # not rewritten
+    for f in ("acts_train.npy", "acts_train.json", "model/model.safetensors"):
+        assert (run_copy / f).stat().st_mtime_ns == before[run_copy / f], f  # not rewritten
 
 
 def test_cache_matches_the_model_and_refuses_other_metadata(smoke, tmp_path):
@@ -97,7 +106,7 @@ def test_an_interrupted_cache_is_never_taken_for_a_whole_one(smoke, tmp_path):
     windows = np.zeros((8, 32), dtype=np.int32)
     with pytest.raises(KeyboardInterrupt):
         h.cache_activations(bridge, windows, tmp_path / "a.npy", meta, meta["hook"], 200, 2)
-    assert not (tmp_path / "a.npy").exists() and not (tmp_path / "a.json").exists()
+    assert not list(tmp_path.iterdir())  # no cache, no JSON, no temporary left behind
     assert h.load_cache(tmp_path / "a.npy", meta) is None
 
 
@@ -112,31 +121,24 @@ def test_loading_fails_loudly_without_tokenizer_or_hub(smoke, tmp_path):
         h.boot_model("EleutherAI/pythia-70m-deduped", "cpu")  # HF_HUB_OFFLINE=1 in conftest
 
 
-def test_bad_parameters_fail_before_heavy_work(tmp_path):
-    with pytest.raises(SystemExit, match="unknown"):
-        report.load_profile("nope")
-    with pytest.raises(SystemExit, match="unknown parameter.*n_layerz"):
-        report.check_params({"n_layerz": 3}, sorted(NB.glob("[0-9][0-9]_*.ipynb")))
-    with pytest.raises(Exception, match="hook='resid'"):
-        run_stage("01_cache_activations", tmp_path, hook="resid")
-
-
 # ----------------------------------------------------------------------------- 02, 03, 04
-def test_02_saves_every_cell_with_snapshots_from_step_zero(smoke):
+def test_02_saves_every_cell_as_safetensors_with_snapshots_from_step_zero(smoke):
     res = json.loads((smoke / "02_train_saes.json").read_text())
     assert len(res["cells"]) == 12 and res["snapshots"][0] == 0
-    cell = torch.load(smoke / "saes" / "ra-kmeans-shared__centered.pt", weights_only=False)
+    cell = h.load_cell(smoke, "ra-kmeans-shared", "centered")
     assert cell["dictionaries"].shape == (len(res["snapshots"]), 3, 32, 32)
     assert cell["tokens"][-1] == 6400 and len(cell["state_dicts"]) == 3
-    assert not list((smoke / "saes").glob("*.tmp"))
+    assert cell["meta"]["clip_grad"] == 1.0 and cell["meta"]["code"] == h.code_hash(h.train_cell)
+    assert not list((smoke / "saes").glob("*.pt")) and not list(smoke.rglob("*.tmp"))
+    assert {r["configuration"] for r in res["start_scale"]} == {"topk-random", "ra-kmeans-shared"}
 
 
-def test_02_rerun_skips_finished_cells(run_copy):
-    path = run_copy / "saes" / "topk-random__raw.pt"
+def test_02_rerun_skips_finished_cells_and_rejects_typos(run_copy):
+    path = run_copy / "saes" / "topk-random__raw.safetensors"
     before = path.stat().st_mtime_ns
     run_stage("02_train_saes", run_copy, configurations=["topk-random"], preprocessing=["raw"])
     assert path.stat().st_mtime_ns == before
-    with pytest.raises(Exception, match="configurations='topk-randm'"):
+    with pytest.raises(SystemExit, match="configurations=.'topk-randm'. must be a list of distinct names"):
         run_stage("02_train_saes", run_copy, configurations=["topk-randm"])
 
 
@@ -146,6 +148,9 @@ def test_03_raw_distance_is_below_centered_which_is_below_chance(smoke):
     assert res["fvu_mean_only"] == pytest.approx(1.0, abs=0.05)
     dose = res["dose_response"]
     assert dose[0]["scale"] == 0.0 and dose[-1]["kmeans"] < dose[0]["kmeans"]  # more mean, closer
+    assert len({round(d["topk_sae"], 6) for d in dose}) == 1  # b_pre absorbs the mean: flat
+    grid = json.loads((smoke / "02_train_saes.json").read_text())
+    assert res["mean_norm"] == grid["mean_norm"]  # one fit sample for both stages
     for name in ("fig2_galaxy_toy", "03_dose_response"):
         assert (smoke / "figures" / f"{name}.png").is_file()
 
@@ -159,10 +164,111 @@ def test_04_science_invariants_hold_on_the_outputs(smoke):
         else:
             assert s["step0"] > 1e-3 and not s["shared_start"], key
     for key, row in res["endpoint"].items():
-        for metric, v in row.items():
-            assert all(np.isfinite(x) for x in v.values()), (key, metric)
-    assert len(res["falsification"]) == 8 and isinstance(res["falsified"], bool)
-    assert len(res["geometry_free"]) == 4 and len(res["stabilization_advantage"]) == 8
-    assert {"recovered_as_is", "hungarian_between_runs"} <= set(res["synthetic"]["topk-random"])
+        assert all(np.isfinite(x) for v in row.values() for x in v.values()), key
+        assert res["quality_gate"][key] == [] and isinstance(res["flattening"][key]["flat"], bool)
+    assert len(res["falsification"]) == 8 and len(res["geometry_free"]) == 4
+    assert len(res["stabilization_advantage"]) == 8 and res["tests_skipped"] == []
+    assert {r["outcome"] for r in res["falsification"]} <= {h.CLOSER, h.FURTHER, h.NO_DIFFERENCE}
+    assert len(res["authors_table"]) == 8 and set(res["authors_pattern"]) == {
+        "raw_shared_far_closer", "centering_pulls_ra_apart", "unconstrained_stay_close"}
+    assert {"recovered", "hungarian_between_runs"} == set(res["synthetic"]["topk-random"])
     for name in ("fig1_mean_min", "fig1_hungarian"):
         assert (smoke / "figures" / f"{name}.png").is_file()
+
+
+def test_quality_gate_flags_an_untrained_cell_and_keeps_it_out_of_the_tests(run_copy):
+    res = run_stage("04_initialization_ablation", run_copy, max_fvu=0.01, n_boot=100,
+                    synthetic_tokens=1280)  # no smoke model reconstructs this well
+    assert all(res["quality_gate"].values()) and res["falsification"] == []
+    assert len(res["tests_skipped"]) == 4 and res["verdict"].startswith("no test could run")
+    assert "held-out FVU" in res["tests_skipped"][0]
+
+
+# ----------------------------------------------------------------------------- the run folder's defences
+def test_nan_activations_are_refused_and_a_rebuilt_cache_gives_the_same_numbers(run_copy, smoke):
+    acts = np.load(run_copy / "acts_train.npy", mmap_mode="r+")
+    acts[3990:3995] = np.nan  # rows outside notebook 02's fit sample too
+    acts.flush()
+    del acts
+    cells = mtimes(run_copy / "saes")
+    with pytest.raises(pm.PapermillExecutionError, match="acts_train.npy does not match its recorded"):
+        run_stage("02_train_saes", run_copy)
+    assert mtimes(run_copy / "saes") == cells  # nothing trained, nothing saved
+    run_stage("01_cache_activations", run_copy)  # sees the mismatch and rebuilds the cache
+    assert np.isfinite(h.open_cache(run_copy / "acts_train.npy")).all()
+    held = np.load(run_copy / "acts_heldout.npy", mmap_mode="r+")
+    held[0] = np.nan
+    held.flush()
+    del held
+    with pytest.raises(pm.PapermillExecutionError, match="acts_heldout.npy does not match"):
+        run_stage("03_galaxy_far_away", run_copy)
+
+
+def test_duplicate_or_malformed_seeds_fail_in_the_notebook_too(smoke, tmp_path):
+    for seeds, match in (([0, 0, 1], r"seeds=\[0, 0, 1\] must be a list of distinct integers"),
+                         ("0,1", "seeds='0,1' must be a list of distinct")):
+        with pytest.raises(pm.PapermillExecutionError, match=match):
+            pm.execute_notebook(str(NB / "02_train_saes.ipynb"), str(tmp_path / "02.ipynb"),
+                                parameters={"run_dir": str(smoke), "seeds": seeds},
+                                kernel_name="python3", progress_bar=False)
+
+
+def test_a_stale_cell_is_retrained_when_its_code_changed(run_copy):
+    sidecar = run_copy / "saes" / "topk-random__raw.json"
+    info = json.loads(sidecar.read_text())
+    info["meta"]["code"] = "an-older-trainer"  # as if made by other code
+    sidecar.write_text(json.dumps(info))
+    before = mtimes(run_copy / "saes")
+    run_stage("02_train_saes", run_copy)
+    after = mtimes(run_copy / "saes")
+    changed = {p.name for p in after if after[p] != before.get(p)}
+    assert changed == {"topk-random__raw.safetensors", "topk-random__raw.json"}
+
+
+def test_a_second_run_on_the_same_folder_is_refused_naming_the_lock(run_copy):
+    held = h.lock_run_dir(run_copy)
+    try:
+        with pytest.raises(pm.PapermillExecutionError, match=r"\.lock is locked by pid"):
+            run_stage("03_galaxy_far_away", run_copy)
+    finally:
+        held.close()
+
+
+def test_profile_mistakes_fail_before_any_stage(tmp_path):
+    repo = tracked_copy(tmp_path)
+    (repo / "params" / "typo.yaml").write_text("k: 4O\n")
+    (repo / "params" / "broken.yaml").write_text("seeds: [0, 1\nk: 4\n")
+    done = run(["make", "report", "PROFILE=typo"], repo, ok=False)
+    assert done.returncode != 0 and "k='4O' must be an integer >= 1" in done.stderr
+    assert not (repo / "runs").exists()  # stage 00 never started
+    done = run(["python", "report.py", "check", "broken"], repo, ok=False)
+    assert "params/broken.yaml is not valid YAML at line 2" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = run(["python", "report.py", "check", "smoke", "-p", "device", "gpu"], repo, ok=False)
+    assert "device='gpu' must be 'auto', 'cpu', 'cuda' or 'cuda:N'" in done.stderr
+    if not torch.cuda.is_available():
+        done = run(["python", "report.py", "check", "smoke", "-p", "device", "cuda"], repo, ok=False)
+        assert "device='cuda', but this torch" in done.stderr
+    done = run(["python", "report.py", "run", "smoke", "notebooks/03_galaxy_far_away.ipynb",
+                "-p", "k", "32"], repo, ok=False)
+    assert "03_galaxy_far_away.ipynb does not declare ['k']" in done.stderr
+
+
+def test_the_authors_protocol_runs_on_the_smoke_model(run_copy):
+    """The authors profile's mechanisms at smoke size: more atoms than centroids (the extra atoms
+    start at zero), a fixed training set passed over in epochs, no pre-bias, reference starts."""
+    authors = report.load_profile("authors")
+    protocol = {k: authors[k] for k in ("configurations", "match_start_scale", "center_encoder",
+                                        "pre_bias", "lr_decay", "dead_penalty", "clip_grad", "delta")}
+    grid = run_stage("02_train_saes", run_copy, **protocol, n_latents=32, n_candidates=16, k=2,
+                     train_tokens=1000, n_fit_tokens=1000, sae_tokens=12800)
+    assert grid["n_training_tokens"] == 1000 and len(grid["cells"]) == 8
+    cell = h.load_cell(run_copy, "ra-kmeans-shared", "raw")
+    assert (cell["dictionaries"][0, :, 16:] == 0).all()  # W = eye(32, 16): atoms 17-32 at zero
+    assert "b_pre" not in dict(h.sae_from_state(cell["state_dicts"][0], cell["meta"]).named_parameters())
+    topk = h.load_cell(run_copy, "topk-kmeans-shared", "raw")
+    assert "b_pre" not in dict(h.sae_from_state(topk["state_dicts"][0], topk["meta"]).named_parameters())
+    abl = run_stage("04_initialization_ablation", run_copy, configurations=protocol["configurations"],
+                    n_boot=100, synthetic_tokens=1280)
+    assert len(abl["authors_table"]) == 8 and all(np.isfinite(r["mean"]) for r in abl["authors_table"])
+    assert abl["falsification"] == [] and abl["verdict"].startswith("not tested")
