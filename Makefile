@@ -59,7 +59,7 @@ README.md: readme.py $(foreach p,$(COMMITTED),$(wildcard report/$(p)/*.json)) | 
 	$(PY) readme.py
 
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py

@@ -1157,17 +1157,22 @@ def project_archetypal_(w: torch.Tensor, lam: torch.Tensor, delta: float) -> Non
 
 @torch.no_grad()
 def match_start_scale_(sae: nn.Module, x: torch.Tensor) -> float:
-    """Scale the encoder so the step-0 reconstruction of x has the data's RMS norm; returns the factor.
+    """Give the step-0 reconstruction of x the data's RMS norm; returns the factor alpha applied.
 
-    TopK(ReLU(.)) is positively homogeneous, so multiplying W_enc and b_enc by alpha > 0 keeps
-    every selected latent and the dictionary, and multiplies the codes by alpha.
+    An RA-SAE starts its own scale parameter there, exp(m) = alpha (Adam then moves m in log
+    space, so no other parameter's scale changes). A TopK SAE, whose unit-norm atoms leave no
+    scale parameter, gets it from its encoder: W_enc and b_enc times alpha, which keeps every
+    selected latent (TopK(ReLU(.)) is positively homogeneous). No atom direction changes.
     """
     vals, idx = sae.encode(x)
     recon = sparse_decode(vals, idx, sae.dictionary())
     target = x - sae.b_pre if isinstance(sae, TopKSAE) else x
     alpha = float(target.norm() / recon.norm().clamp_min(1e-12))
-    sae.W_enc.mul_(alpha)
-    sae.b_enc.mul_(alpha)
+    if isinstance(sae, RelaxedArchetypalSAE):
+        sae.multiplier.add_(math.log(alpha))
+    else:
+        sae.W_enc.mul_(alpha)
+        sae.b_enc.mul_(alpha)
     return alpha
 
 

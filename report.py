@@ -140,6 +140,9 @@ def run(notebook: Path, params: dict, output: Path) -> Path:
     copy goes to output, its JSON and HTML beside it."""
     own = {k: v for k, v in params.items() if k in declared(notebook)}
     output.parent.mkdir(parents=True, exist_ok=True)
+    # Figures are embedded in the report: the kernel draws inline even where the caller's
+    # environment (a test run, a headless shell) asks matplotlib for Agg.
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     pm.execute_notebook(str(notebook), str(output), parameters=own, cwd=str(ROOT),
                         kernel_name="python3", progress_bar=False, log_output=False,
                         extra_arguments=KERNEL_ARGS)

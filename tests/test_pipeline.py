@@ -45,6 +45,9 @@ def test_make_report_smoke_writes_every_output_and_nothing_tracked(made):
     for fig in ("fig1_mean_min", "fig1_hungarian", "fig2_galaxy_toy", "00_lm_loss", "02_training_fvu"):
         for ext in ("png", "pdf"):
             assert (made / "runs" / "smoke" / "figures" / f"{fig}.{ext}").is_file()
+    executed = json.loads((report / "04_initialization_ablation.ipynb").read_text())
+    figures = [o for c in executed["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(figures) >= 2  # drawn inline even though the tests run matplotlib on Agg
     html = (report / "04_initialization_ablation.html").read_text()
     assert 'class="toc"' in html and "data:image/png;base64" in html and "white-space: pre-wrap" in html
     produced = [str(p.relative_to(made)) for p in (made / "report" / "smoke").rglob("*")] + \
@@ -170,3 +173,28 @@ def test_committed_report_renders_in_a_browser(profile, tmp_path):
     if not (ROOT / "report" / profile).is_dir():
         pytest.skip(f"report/{profile}/ is not rendered (make report PROFILE={profile})")
     check_pages(ROOT / "report" / profile, tmp_path)
+
+
+def test_make_lab_serves_the_notebooks(tmp_path):
+    """`make lab` starts JupyterLab from the project's environment on the notebooks folder."""
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    repo = tracked_copy(tmp_path)
+    proc = subprocess.Popen(["make", "lab", "LAB_ARGS=--no-browser --port=8765 --ServerApp.token=t"],
+                            cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline, body = time.time() + 90, ""
+        while time.time() < deadline and not body:
+            try:
+                body = urllib.request.urlopen("http://127.0.0.1:8765/api/contents?token=t", timeout=5).read().decode()
+            except OSError:
+                time.sleep(1)
+        names = {item["name"] for item in json.loads(body)["content"]}
+        assert "00_language_model.ipynb" in names and "04_initialization_ablation.ipynb" in names
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
