@@ -1233,8 +1233,8 @@ def make_sae(arch: str, init: str, x: torch.Tensor, n_latents: int, k: int, seed
     scale. A TopK SAE with ``init='random'`` starts with seeded unit Gaussian atoms; its other
     starts take n_candidates points (k-means centroids) as atoms, exactly as an RA-SAE starts with
     W = eye(n_latents, n_candidates): atoms past n_candidates start at zero. A TopK SAE starts with
-    b_pre at the data mean (Gao et al. use the geometric median). ``match_scale`` rescales the
-    encoder (``match_start_scale_``) so the first reconstruction has the data's scale.
+    b_pre at the data mean (Gao et al. use the geometric median). ``match_scale`` sets the start
+    scale (``match_start_scale_``) so the first reconstruction has the data's norm.
     """
     check_choice("arch", arch, ARCHITECTURES)
     check_choice("init", init, INITS[arch])
