@@ -1952,15 +1952,19 @@ def flattening(m: np.ndarray, tokens: Sequence[int], window: float = 0.2,
             "flat": bool(-tolerance <= lo and hi <= tolerance)}
 
 
-def quality_gate(fvu_value: float, flat: bool, max_fvu: float, change: float = 0.0) -> list[str]:
+def quality_gate(fvu_value: float, flatness: dict, max_fvu: float, tolerance: float) -> list[str]:
     """Why a cell cannot support a verdict (empty when it can): it must reconstruct held-out
-    activations with FVU <= max_fvu, and its trajectory must have flattened."""
+    activations with FVU <= max_fvu, and its trajectory must have flattened (``flattening``)."""
     reasons = []
     if not fvu_value <= max_fvu:
         reasons.append(f"held-out FVU {fvu_value:.2f} > {max_fvu:g}"
                        + (" (worse than predicting the mean)" if fvu_value > 1 else ""))
-    if not flat:
-        reasons.append(f"trajectory still moving ({change:+.3f} over the last stretch of training)")
+    if not flatness["flat"]:
+        change, lo, hi = flatness["change"], flatness["lo"], flatness["hi"]
+        reasons.append(f"trajectory still moving ({change:+.3f} over the last stretch of training)"
+                       if abs(change) > tolerance else
+                       f"trajectory not shown flat ({change:+.3f} over the last stretch of training, "
+                       f"but its 95% interval [{lo:+.3f}, {hi:+.3f}] reaches beyond +-{tolerance:g})")
     return reasons
 
 

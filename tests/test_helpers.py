@@ -533,10 +533,16 @@ def test_flattening_tells_a_settled_trajectory_from_a_moving_one():
 
 
 def test_quality_gate_flags_what_did_not_learn_or_settle():
-    assert h.quality_gate(0.12, True, 0.4) == []
-    assert h.quality_gate(1.3, True, 0.4) == ["held-out FVU 1.30 > 0.4 (worse than predicting the mean)"]
-    assert h.quality_gate(0.5, False, 0.4, -0.05)[1].startswith("trajectory still moving (-0.050")
-    assert len(h.quality_gate(float("nan"), True, 0.4)) == 1  # a NaN FVU never passes
+    flat = {"flat": True, "change": -0.001, "lo": -0.004, "hi": 0.002}
+    assert h.quality_gate(0.12, flat, 0.4, 0.02) == []
+    assert h.quality_gate(1.3, flat, 0.4, 0.02) == ["held-out FVU 1.30 > 0.4 (worse than predicting the mean)"]
+    moving = {"flat": False, "change": -0.05, "lo": -0.07, "hi": -0.03}
+    assert h.quality_gate(0.5, moving, 0.4, 0.02)[1].startswith("trajectory still moving (-0.050")
+    noisy = {"flat": False, "change": 0.001, "lo": -0.022, "hi": 0.029}  # no drift, too wide to call flat
+    assert h.quality_gate(0.2, noisy, 0.4, 0.02) == [
+        "trajectory not shown flat (+0.001 over the last stretch of training, but its 95% interval "
+        "[-0.022, +0.029] reaches beyond +-0.02)"]
+    assert len(h.quality_gate(float("nan"), flat, 0.4, 0.02)) == 1  # a NaN FVU never passes
 
 
 def test_tests_skip_excluded_cells_and_the_verdict_follows_them():
