@@ -389,7 +389,7 @@ STYLES = {
     "ra-kmeans-shared": ("#0072B2", "-", "^"),
     "ra-kmeans-independent": ("#009E73", "-.", "v"),
     "ra-projection-off": ("#CC79A7", ":", "D"),
-    "ra-random-points": ("#D55E00", (0, (5, 1, 1, 1)), "P"),
+    "ra-random-points": ("#D55E00", (0, (5, 1, 1, 1)), "p"),
 }
 
 
