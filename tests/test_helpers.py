@@ -171,7 +171,7 @@ def test_start_scale_matches_the_data_and_keeps_every_selected_latent(data):
         assert torch.equal(i0, i1)
         assert torch.allclose(h.unit_rows(raw.dictionary()), h.unit_rows(scaled.dictionary()), atol=1e-6)
         if arch == "ra":  # the archetypal scale parameter carries it: exp(m) = alpha
-            assert float(scaled.multiplier) < 0 and torch.equal(raw.W_enc, scaled.W_enc)
+            assert float(scaled.multiplier.detach()) < 0 and torch.equal(raw.W_enc, scaled.W_enc)
         recon = scaled.decode(v1, i1).detach() - (scaled.b_pre.detach() if arch == "topk" else 0)
         target = data - (scaled.b_pre.detach() if arch == "topk" else 0)
         assert float(recon.norm() / target.norm()) == pytest.approx(1.0, rel=1e-4)
