@@ -2062,11 +2062,18 @@ SHARED_START = ("ra-kmeans-shared", "ra-projection-off", "topk-kmeans-shared")
 UNCONSTRAINED_SHARED = ("ra-projection-off", "topk-kmeans-shared")
 
 
+AUTHORS_RULES = {  # the authors' pattern as three stated rules: name -> the rule, in words
+    "raw_shared_far_closer": "on raw data, every shared-start condition ends at most half as far "
+                             "apart as TopK from a random start",
+    "centering_pulls_ra_apart": "centering moves the RA-SAE at least 1.5 times further apart",
+    "unconstrained_stay_close": "on centered data, the unconstrained shared-start models stay at "
+                                "most half as far apart as TopK",
+}
+
+
 def authors_pattern(distance: dict[tuple[str, str], float]) -> dict:
-    """Whether endpoint Hungarian distances show the authors' pattern, by three stated rules:
-    raw, every shared-start condition ends at most half as far apart as TopK from a random start;
-    centering moves the RA-SAE at least 1.5 times further apart; centered, the unconstrained
-    shared-start models stay at most half as far apart as TopK. None where a cell is missing."""
+    """Whether endpoint Hungarian distances show the authors' pattern, rule by rule
+    (``AUTHORS_RULES``); a rule that needs a missing cell does not hold."""
     d = lambda n, p: distance.get((n, p))  # noqa: E731
     rules = {
         "raw_shared_far_closer": [d(n, "raw") is not None and d("topk-random", "raw") is not None
@@ -2077,7 +2084,7 @@ def authors_pattern(distance: dict[tuple[str, str], float]) -> dict:
                                      and d(n, "centered") <= 0.5 * d("topk-random", "centered")
                                      for n in UNCONSTRAINED_SHARED],
     }
-    return {rule: all(v) for rule, v in rules.items()}
+    return {rule: all(rules[rule]) for rule in AUTHORS_RULES}
 
 
 def authors_table(endpoint: dict, stability: dict) -> list[dict]:

@@ -122,27 +122,21 @@ def authors_markdown() -> str:
     lines = ["| condition | data | authors (DINOv2) | " + " | ".join(
         f"{AUTHORS_PROFILES[p]}: end [95% CI] | {AUTHORS_PROFILES[p]}: step 0" for p in cols) + " |",
              "|" + " --- |" * (3 + 2 * len(cols))]
-    rows = {(r["configuration"], r["preprocessing"]): r for r in tables[cols[0]]["authors_table"]}
-    for (name, prep), r in rows.items():
+    mine = {p: {(x["configuration"], x["preprocessing"]): x for x in tables[p]["authors_table"]} for p in cols}
+    for (name, prep), r in mine[cols[0]].items():
         cells = []
         for p in cols:
-            mine = {(x["configuration"], x["preprocessing"]): x for x in tables[p]["authors_table"]}
-            x = mine.get((name, prep))
-            flag = " †" if tables[p].get("quality_gate", {}).get(f"{name}__{prep}") else ""
+            x = mine[p].get((name, prep))
+            flag = " †" if tables[p]["quality_gate"].get(f"{name}__{prep}") else ""
             cells += [_ci(x) + flag, f"{x['step0']:.3f}"] if x else ["-", "-"]
         lines.append(f"| {r['condition']} | {prep} | {r['authors']:.3f} | " + " | ".join(cells) + " |")
     lines += ["", "† flagged by the quality gate (held-out FVU above the limit, or a trajectory not shown "
               "flat over the last 20% of tokens): the authors' protocol stops after 20 epochs "
               "whatever the distance is doing.", ""]
-    rules = {"raw_shared_far_closer": "on raw data, every shared-start condition ends at most half as far "
-                                      "apart as TopK from a random start",
-             "centering_pulls_ra_apart": "centering moves the RA-SAE at least 1.5 times further apart",
-             "unconstrained_stay_close": "on centered data, the unconstrained shared-start models stay at most "
-                                         "half as far apart as TopK"}
     for p in cols:
         pattern = tables[p]["authors_pattern"]
-        held = [rules[r] for r, ok in pattern.items() if ok]
-        broken = [rules[r] for r, ok in pattern.items() if not ok]
+        held = [h.AUTHORS_RULES[r] for r, ok in pattern.items() if ok]
+        broken = [h.AUTHORS_RULES[r] for r, ok in pattern.items() if not ok]
         lines.append(f"On the {AUTHORS_PROFILES[p]}, the authors' pattern "
                      + ("holds in full." if not broken else "holds in part." if held else "does not hold.")
                      + (f" Holds: {'; '.join(held)}." if held else "")
