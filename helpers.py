@@ -144,7 +144,7 @@ PARAMETERS: dict[str, tuple[Callable[[object], bool], str]] = {
         "lm_lr", "sae_lr", "max_fvu", "flat_tolerance")},
     **{n: (_num(0), "a number >= 0") for n in ("delta", "dead_penalty", "synthetic_mean_norm")},
     "clip_grad": (lambda v: v is None or _num(0, lo_open=True)(v), "a number > 0, or null (no clipping)"),
-    "lr_decay": (_num(0, 1), "a number in [0, 1)"),
+    "lr_decay": (lambda v: _num(0)(v) and v <= 1, "a number in [0, 1]"),
     "flat_window": (_num(0, 1, lo_open=True), "a number in (0, 1)"),
     **{n: (_BOOL, "true or false") for n in ("drop_first", "match_start_scale", "pre_bias",
                                               "center_encoder")},
