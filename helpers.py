@@ -112,10 +112,11 @@ def _int(lo: int) -> Callable[[object], bool]:
     return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
 
 
-def _num(lo: float, hi: float = math.inf, lo_open: bool = False) -> Callable[[object], bool]:
-    """A rule: a finite number in [lo, hi) (or (lo, hi) when lo_open)."""
+def _num(lo: float, hi: float = math.inf, lo_open: bool = False,
+         hi_closed: bool = False) -> Callable[[object], bool]:
+    """A rule: a finite number in [lo, hi) (lo_open: from above lo; hi_closed: up to hi itself)."""
     return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
-        and (v > lo if lo_open else v >= lo) and v < hi
+        and (v > lo if lo_open else v >= lo) and (v <= hi if hi_closed else v < hi)
 
 
 def _subset(allowed: Sequence[str]) -> Callable[[object], bool]:
@@ -144,7 +145,7 @@ PARAMETERS: dict[str, tuple[Callable[[object], bool], str]] = {
         "lm_lr", "sae_lr", "max_fvu", "flat_tolerance")},
     **{n: (_num(0), "a number >= 0") for n in ("delta", "dead_penalty", "synthetic_mean_norm")},
     "clip_grad": (lambda v: v is None or _num(0, lo_open=True)(v), "a number > 0, or null (no clipping)"),
-    "lr_decay": (lambda v: _num(0)(v) and v <= 1, "a number in [0, 1]"),
+    "lr_decay": (_num(0, 1, hi_closed=True), "a number in [0, 1]"),
     "flat_window": (_num(0, 1, lo_open=True), "a number in (0, 1)"),
     **{n: (_BOOL, "true or false") for n in ("drop_first", "match_start_scale", "pre_bias",
                                               "center_encoder")},
