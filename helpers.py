@@ -41,14 +41,24 @@ from tqdm.auto import tqdm
 ARCHITECTURES = ("topk", "ra")
 INITS = {"topk": ("random", "kmeans-shared", "kmeans-independent"),
          "ra": ("random", "kmeans-shared", "kmeans-independent", "random-points")}
-# configuration name -> (architecture, initialization, archetypal projection on)
+# how each architecture's decoder is built and kept; the first is the architecture's default.
+# topk: "unit" rows renormalized after every step (overcomplete's default l2) or "free" rows
+# (overcomplete's normalization="identity"). ra: "projected" (the RA-SAE), "unprojected" (W, Lambda
+# and exp(m) trained without the projection) or "relax" (the reference's projection=False: one free
+# matrix Relax started at W C and returned as is, no multiplier; built as a free-row TopK SAE with
+# no pre-bias, since that is what it is)
+DECODERS = {"topk": ("unit", "free"), "ra": ("projected", "unprojected", "relax")}
+# configuration name -> (architecture, initialization, decoder)
 CONFIGURATIONS = {
-    "topk-random": ("topk", "random", True),
-    "topk-kmeans-shared": ("topk", "kmeans-shared", True),
-    "ra-kmeans-shared": ("ra", "kmeans-shared", True),
-    "ra-kmeans-independent": ("ra", "kmeans-independent", True),
-    "ra-projection-off": ("ra", "kmeans-shared", False),
-    "ra-random-points": ("ra", "random-points", True),
+    "topk-random": ("topk", "random", "unit"),
+    "topk-kmeans-shared": ("topk", "kmeans-shared", "unit"),
+    "ra-kmeans-shared": ("ra", "kmeans-shared", "projected"),
+    "ra-kmeans-independent": ("ra", "kmeans-independent", "projected"),
+    "ra-projection-off": ("ra", "kmeans-shared", "unprojected"),
+    "ra-random-points": ("ra", "random-points", "projected"),
+    # the authors' two controls exactly as their code builds them (Table 3, the authors profiles)
+    "topk-kmeans-shared-free": ("topk", "kmeans-shared", "free"),
+    "ra-projection-off-free": ("ra", "kmeans-shared", "relax"),
 }
 PREPROCESSING = ("raw", "centered")
 _DEFINITIONS: dict[str, str] = {}  # name -> source of this module's functions and classes, read once
@@ -391,6 +401,8 @@ STYLES = {
     "ra-kmeans-independent": ("#009E73", "-.", "v"),
     "ra-projection-off": ("#CC79A7", ":", "D"),
     "ra-random-points": ("#D55E00", (0, (5, 1, 1, 1)), "p"),
+    "topk-kmeans-shared-free": ("#E69F00", (0, (3, 1, 1, 1)), "P"),
+    "ra-projection-off-free": ("#56B4E9", (0, (1, 1)), "X"),
 }
 
 
@@ -1044,30 +1056,38 @@ def _encoder_init(n_latents: int, d_in: int, gen: torch.Generator) -> torch.Tens
 class TopKSAE(nn.Module):
     """TopK SAE (Gao et al. 2025): z = TopK(ReLU(W_enc (x - b_pre) + b_enc)), x_hat = z D + b_pre.
 
-    D has unit-norm rows (zero rows stay zero); the trainer re-normalizes them after every step.
-    The encoder is drawn from ``seed``; the decoder starts as ``init_dictionary`` (unit-normalized)
+    ``decoder_norm="unit"``: D starts unit-normalized and the trainer re-normalizes its rows after
+    every step (zero rows stay zero), as overcomplete's default ``l2`` normalization; ``"free"``:
+    D starts as given and its rows are never renormalized, as overcomplete's ``identity`` (zero
+    rows can grow). The encoder is drawn from ``seed``; the decoder starts as ``init_dictionary``
     or as seeded Gaussian atoms. ``pre_bias=False`` fixes b_pre at zero (a buffer, not trained),
-    as in the authors' vision notebooks.
+    as in the authors' vision notebooks; ``encoder_shift`` is subtracted from the encoder's input
+    only, as an RA-SAE's.
     """
 
     def __init__(self, d_in: int, n_latents: int, k: int, seed: int = 0,
-                 init_dictionary: torch.Tensor | None = None, pre_bias: bool = True):
+                 init_dictionary: torch.Tensor | None = None, pre_bias: bool = True,
+                 decoder_norm: str = "unit", encoder_shift: torch.Tensor | None = None):
         super().__init__()
         check_sae_sizes(d_in, n_latents, k)
+        check_choice("decoder_norm", decoder_norm, DECODERS["topk"])
         gen = torch.Generator().manual_seed(seed)
         if init_dictionary is None:
             init_dictionary = torch.randn(n_latents, d_in, generator=gen)
         if tuple(init_dictionary.shape) != (n_latents, d_in):
             raise ValueError(f"init_dictionary has shape {tuple(init_dictionary.shape)}, "
                              f"expected (n_latents, d_in)=({n_latents}, {d_in})")
-        self.k = k
+        self.k, self.decoder_norm = k, decoder_norm
         self.W_enc = nn.Parameter(_encoder_init(n_latents, d_in, gen))
         self.b_enc = nn.Parameter(torch.zeros(n_latents))
         if pre_bias:
             self.b_pre = nn.Parameter(torch.zeros(d_in))
         else:
             self.register_buffer("b_pre", torch.zeros(d_in))
-        self.W_dec = nn.Parameter(unit_rows(init_dictionary.float().clone()))
+        start = init_dictionary.float().clone()
+        self.W_dec = nn.Parameter(unit_rows(start) if decoder_norm == "unit" else start)
+        if encoder_shift is not None:
+            self.register_buffer("enc_shift", encoder_shift.float().clone())
 
     def dictionary(self) -> torch.Tensor:
         """The current atoms, (n_latents, d_in)."""
@@ -1075,7 +1095,9 @@ class TopKSAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """TopK values and indices of the latents for a batch x."""
-        return topk_encode(x - self.b_pre, self.W_enc, self.b_enc, self.k)
+        shift = getattr(self, "enc_shift", None)
+        x = x - self.b_pre
+        return topk_encode(x if shift is None else x - shift, self.W_enc, self.b_enc, self.k)
 
     def decode(self, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x_hat from TopK values and indices."""
@@ -1181,8 +1203,9 @@ def match_start_scale_(sae: nn.Module, x: torch.Tensor) -> float:
 
 
 def kmeans_centroids(x: torch.Tensor | np.ndarray, n_centroids: int, seed: int,
-                     max_iter: int = 100) -> torch.Tensor:
-    """scikit-learn KMeans (k-means++ start, one init, Lloyd) centroids, deterministic per seed."""
+                     max_iter: int = 300) -> torch.Tensor:
+    """scikit-learn KMeans centroids as the reference fits them (k-means++ start, one init, Lloyd,
+    scikit-learn's default max_iter and tol), deterministic per seed."""
     from sklearn.cluster import KMeans
 
     x = np.asarray(x, dtype=np.float32)
@@ -1224,35 +1247,44 @@ def pad_rows(points: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def make_sae(arch: str, init: str, x: torch.Tensor, n_latents: int, k: int, seed: int,
-             n_candidates: int | None = None, delta: float = 1.0, project: bool = True,
+             n_candidates: int | None = None, delta: float = 1.0, decoder: str | None = None,
              shared_seed: int = 0, shared_points: torch.Tensor | None = None,
              match_scale: bool = True, pre_bias: bool = True,
              center_encoder: bool = False) -> nn.Module:
     """Build one TopK SAE or RA-SAE for a run, its decoder started by ``init`` on data x.
 
     x is the (already preprocessed) fit sample used for k-means, candidate points and the start
-    scale. A TopK SAE with ``init='random'`` starts with seeded unit Gaussian atoms; its other
-    starts take n_candidates points (k-means centroids) as atoms, exactly as an RA-SAE starts with
-    W = eye(n_latents, n_candidates): atoms past n_candidates start at zero. A TopK SAE starts with
-    b_pre at the data mean (Gao et al. use the geometric median). ``match_scale`` sets the start
-    scale (``match_start_scale_``) so the first reconstruction has the data's norm.
+    scale. ``decoder`` is one of ``DECODERS[arch]`` (None: the first). A TopK SAE with
+    ``init='random'`` starts with seeded unit Gaussian atoms; its other starts take n_candidates
+    points (k-means centroids) as atoms, exactly as an RA-SAE starts with W = eye(n_latents,
+    n_candidates): atoms past n_candidates start at zero. A TopK SAE starts with b_pre at the data
+    mean (Gao et al. use the geometric median). The RA decoder ``"relax"`` is the reference's
+    projection=False: a free-row TopK SAE with no pre-bias whose atoms start at W C, with the
+    RA-SAE's encoder. ``match_scale`` sets the start scale (``match_start_scale_``) so the first
+    reconstruction has the data's norm.
     """
     check_choice("arch", arch, ARCHITECTURES)
     check_choice("init", init, INITS[arch])
+    decoder = decoder or DECODERS[arch][0]
+    check_choice("decoder", decoder, DECODERS[arch])
     check_sae_sizes(x.shape[1], n_latents, k)
     check_finite("x", x)
     n_c = n_candidates or n_latents
+    shift = x.mean(0) if center_encoder else None
     if arch == "topk":
         atoms = None if init == "random" else pad_rows(
             initial_points(init, x, n_c, seed, shared_seed, shared_points), n_latents)
-        sae = TopKSAE(x.shape[1], n_latents, k, seed, atoms, pre_bias)
+        sae = TopKSAE(x.shape[1], n_latents, k, seed, atoms, pre_bias, decoder)
         if pre_bias:
             with torch.no_grad():
                 sae.b_pre.copy_(x.mean(0))
+    elif decoder == "relax":
+        atoms = pad_rows(initial_points(init, x, n_c, seed, shared_seed, shared_points), n_latents)
+        sae = TopKSAE(x.shape[1], n_latents, k, seed, atoms, False, "free", shift)
     else:
         candidates = initial_points(init, x, n_c, seed, shared_seed, shared_points)
-        sae = RelaxedArchetypalSAE(x.shape[1], n_latents, k, candidates, delta, project, seed,
-                                   x.mean(0) if center_encoder else None)
+        sae = RelaxedArchetypalSAE(x.shape[1], n_latents, k, candidates, delta,
+                                   decoder == "projected", seed, shift)
     if match_scale:
         match_start_scale_(sae, x)
     return sae
@@ -1288,8 +1320,9 @@ def sae_grads(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor,
 
     The loss of a run is the reference library's MSE, the mean of (x - x_hat)^2 over the batch and
     the dimensions. Two optional terms enter the gradients, not the returned loss:
-    ``dead_penalty``, the authors' term (minus dead_penalty times the mean pre-activation, over
-    tokens and latents, of the latents that fired on no token of the batch); and AuxK (Gao et al.):
+    ``dead_penalty``, the authors' term (minus dead_penalty times the mean, over tokens and all
+    n latents, of the pre-activations masked to the latents that fired on no token of the batch:
+    their ``(pre_codes * is_dead).mean()``); and AuxK (Gao et al.):
     aux_coef times the MSE with which the top ``aux_k`` latents among those marked in ``aux_dead``
     (S x n) reconstruct the main reconstruction's residual. Only the encoder's forward pass is a
     dense product; decoding and every gradient touch only the selected latents of each token.
@@ -1332,7 +1365,7 @@ def sae_grads(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor,
             0, a_flat.view(-1), a_gvals.view(-1)).view(s, n)
     if dead_penalty:
         dead = fired == 0
-        push = -dead_penalty * dead / dead.sum(1, keepdim=True).clamp_min(1)  # summed over tokens
+        push = -dead_penalty * dead / n  # d/d(pre) is -dead_penalty / (b n), summed over tokens
         g_benc = g_benc + push
         g_wenc = g_wenc + push.unsqueeze(-1) * xin.mean(1, keepdim=True)
     grads = {"W_enc": g_wenc, "b_enc": g_benc, "dictionary": g_dic.view(s, n, d)}
@@ -1422,6 +1455,8 @@ def _check_models(models: Sequence[nn.Module]) -> str:
     if isinstance(models[0], RelaxedArchetypalSAE) and \
             len({(m.project, m.delta) for m in models}) != 1:
         raise ValueError("RA-SAE models must share delta and project")
+    if isinstance(models[0], TopKSAE) and len({m.decoder_norm for m in models}) != 1:
+        raise ValueError("TopK SAE models must share decoder_norm")
     return "topk" if isinstance(models[0], TopKSAE) else "ra"
 
 
@@ -1518,7 +1553,8 @@ def train_saes(models: Sequence[nn.Module], x: torch.Tensor | np.ndarray, seeds:
         opt.step()
         with torch.no_grad():
             if arch == "topk":
-                params["W_dec"].copy_(unit_rows(params["W_dec"]))
+                if models[0].decoder_norm == "unit":
+                    params["W_dec"].copy_(unit_rows(params["W_dec"]))
             elif models[0].project:
                 project_archetypal_(params["W"], params["Lambda"], models[0].delta)
         losses[step] = loss.detach().cpu()
@@ -1570,10 +1606,10 @@ def train_cell(name: str, prep: str, data: np.ndarray | torch.Tensor, sample: to
     'centered' subtracts); ``data`` what the runs train on. Returns the snapshots, losses, the
     share of clipped steps, the trained state of every run, the mean and each run's start scale.
     """
-    arch, init, project = CONFIGURATIONS[name]
+    arch, init, decoder = CONFIGURATIONS[name]
     mu = sample.mean(0)
     x = sample - mu if prep == "centered" else sample
-    models = [make_sae(arch, init, x, n_latents, k, s, n_candidates, delta, project,
+    models = [make_sae(arch, init, x, n_latents, k, s, n_candidates, delta, decoder,
                        kmeans_shared_seed, shared_points, False, pre_bias, center_encoder)
               for s in seeds]
     scales = [match_start_scale_(m, x) if match_start_scale else 1.0 for m in models]
@@ -1595,14 +1631,17 @@ def load_cell(run_dir: str | os.PathLike, name: str, prep: str) -> dict:
     return cell
 
 
-def sae_from_state(state: dict, meta: dict, project: bool = True) -> nn.Module:
-    """Rebuild a trained TopKSAE or RelaxedArchetypalSAE from its state_dict and cell meta."""
+def sae_from_state(state: dict, meta: dict, decoder: str = "projected") -> nn.Module:
+    """Rebuild a trained TopKSAE or RelaxedArchetypalSAE from its state_dict and cell meta;
+    ``decoder`` is its configuration's (``CONFIGURATIONS``)."""
     n, d = state["W_enc"].shape
     if "candidates" in state:
-        sae = RelaxedArchetypalSAE(d, n, meta["k"], state["candidates"], meta["delta"], project,
-                                   encoder_shift=state.get("enc_shift"))
+        sae = RelaxedArchetypalSAE(d, n, meta["k"], state["candidates"], meta["delta"],
+                                   decoder == "projected", encoder_shift=state.get("enc_shift"))
     else:
-        sae = TopKSAE(d, n, meta["k"], pre_bias=meta.get("pre_bias", True))
+        sae = TopKSAE(d, n, meta["k"], pre_bias=meta.get("pre_bias", True) and decoder != "relax",
+                      decoder_norm="unit" if decoder == "unit" else "free",
+                      encoder_shift=state.get("enc_shift"))
     sae.load_state_dict(state)
     return sae.eval()
 
@@ -1672,8 +1711,8 @@ def synthetic_control(configurations: Sequence[str], seeds: Sequence[int], n_tok
     delta, pre_bias = train.pop("delta", 1.0), train.pop("pre_bias", True)
     out = {}
     for name in tqdm(configurations, desc="synthetic control"):
-        arch, init, project = CONFIGURATIONS[name]
-        models = [make_sae(arch, init, fit, n_atoms, k, s, n_atoms, delta, project, 0, shared, match,
+        arch, init, decoder = CONFIGURATIONS[name]
+        models = [make_sae(arch, init, fit, n_atoms, k, s, n_atoms, delta, decoder, 0, shared, match,
                            pre_bias, center) for s in seeds]
         train_saes(models, x, seeds, n_tokens, snapshots=[], progress=False, **train)
         dicts = torch.stack([m.dictionary().detach() for m in models])
@@ -1850,11 +1889,11 @@ def cell_trajectory(cell: dict, keep: Sequence[int]) -> dict[str, np.ndarray]:
 def cell_endpoint(cell: dict, x_eval: torch.Tensor, name: str) -> dict:
     """Held-out reconstruction (FVU, L0, dead share per run) and the geometry-free run-by-run
     matrices (Hungarian-matched L2 distance, activation correlation) at the end of training."""
-    project = CONFIGURATIONS[name][2]
+    decoder = CONFIGURATIONS[name][2]
     xe = x_eval - cell["mean"] if cell["meta"]["preprocessing"] == "centered" else x_eval
     codes, per_run = [], {"fvu": [], "l0": [], "dead_fraction": []}
     for state in cell["state_dicts"]:
-        x_hat, z = sae_from_state(state, cell["meta"], project)(xe)
+        x_hat, z = sae_from_state(state, cell["meta"], decoder)(xe)
         codes.append(z)
         for metric, fn in (("fvu", lambda: fvu(xe, x_hat)), ("l0", lambda: l0(z)),
                            ("dead_fraction", lambda: dead_fraction(z))):
@@ -2048,19 +2087,20 @@ def verdict(falsification: list[dict], stabilization: list[dict], skipped: Seque
 
 # ============================================================================= 04 · the authors' Table 3
 
-# The authors' vision notebooks (DINOv2-small patch tokens; Hungarian cosine distance, 2 runs)
+# The authors' vision notebooks (DINOv2-small patch tokens; Hungarian cosine distance, 2 runs),
+# keyed by the configuration that builds each condition as their code does
 AUTHORS_TABLE3 = {
     ("topk-random", "raw"): 0.283, ("topk-random", "centered"): 0.419,
     ("ra-kmeans-shared", "raw"): 0.087, ("ra-kmeans-shared", "centered"): 0.245,
-    ("ra-projection-off", "raw"): 0.089, ("ra-projection-off", "centered"): 0.081,
-    ("topk-kmeans-shared", "raw"): 0.076, ("topk-kmeans-shared", "centered"): 0.072,
+    ("ra-projection-off-free", "raw"): 0.089, ("ra-projection-off-free", "centered"): 0.081,
+    ("topk-kmeans-shared-free", "raw"): 0.076, ("topk-kmeans-shared-free", "centered"): 0.072,
 }
 AUTHORS_CONDITIONS = {"topk-random": "TopK SAE, random init",
                       "ra-kmeans-shared": "RA-SAE (shared k-means init)",
-                      "ra-projection-off": "RA-SAE, projection off",
-                      "topk-kmeans-shared": "TopK SAE, shared k-means init"}
-SHARED_START = ("ra-kmeans-shared", "ra-projection-off", "topk-kmeans-shared")
-UNCONSTRAINED_SHARED = ("ra-projection-off", "topk-kmeans-shared")
+                      "ra-projection-off-free": "RA-SAE, projection off",
+                      "topk-kmeans-shared-free": "TopK SAE, shared k-means init"}
+SHARED_START = ("ra-kmeans-shared", "ra-projection-off-free", "topk-kmeans-shared-free")
+UNCONSTRAINED_SHARED = ("ra-projection-off-free", "topk-kmeans-shared-free")
 
 
 AUTHORS_RULES = {  # the authors' pattern as three stated rules: name -> the rule, in words

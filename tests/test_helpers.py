@@ -211,7 +211,7 @@ def test_dead_penalty_and_auxk_gradients_equal_autograd():
     a_vals, a_idx = aux_pre.topk(8, dim=-1)
     z_aux = torch.zeros_like(pre).scatter(-1, a_idx, torch.nan_to_num(a_vals, neginf=0.0).clamp_min(0))
     loss = err.pow(2).mean() + (1 / 32) * (z_aux @ sae.W_dec + err.detach()).pow(2).mean() \
-        - 0.1 * pre[:, dead].mean()  # AuxK on the residual, and the authors' dead-latent term
+        - 0.1 * (pre * dead).mean()  # AuxK on the residual, and the authors' dead-latent term
     assert (z_aux > 0).any()  # some dead latents have positive pre-activations: AuxK acts
     loss.backward()
     params = stacked([sae], "parameters")
@@ -235,6 +235,94 @@ def train(arch, init, data, seeds=(0, 1, 2), steps=12, lr=3e-3, **kw):
     out = h.train_saes(models, data, list(seeds), 64 * steps, 64, lr=lr, progress=False,
                        device="cpu", **train_kw)
     return models, out
+
+
+class ReferenceSAE(torch.nn.Module):
+    """The authors' four models written out as their code builds them (overcomplete's TopKSAE with
+    its linear encoder, and their trimmed RelaxedArchetypalDictionary): ``dictionary`` is "l2"
+    (rows normalized in place at every forward), "identity" (free rows), "archetypal" (W and
+    Relax projected in place at every forward, D = (W C + Relax) exp(m)) or "projection-off"
+    (one parameter Relax = W C returned as is; the multiplier exists and gets no gradient)."""
+
+    def __init__(self, w_enc, b_enc, dictionary, kind, k):
+        super().__init__()
+        self.kind, self.k = kind, k
+        self.encoder = torch.nn.Linear(w_enc.shape[1], w_enc.shape[0])
+        with torch.no_grad():
+            self.encoder.weight.copy_(w_enc)
+            self.encoder.bias.copy_(b_enc)
+        if kind == "archetypal":
+            self.register_buffer("C", dictionary.clone())
+            self.W = torch.nn.Parameter(torch.eye(w_enc.shape[0], len(dictionary)))
+            self.Relax = torch.nn.Parameter(torch.zeros(w_enc.shape[0], w_enc.shape[1]))
+        else:
+            self.Relax = torch.nn.Parameter(dictionary.clone())
+        self.multiplier = torch.nn.Parameter(torch.tensor(0.0))
+
+    def get_dictionary(self):
+        if self.kind == "l2":
+            with torch.no_grad():
+                self.Relax.data = self.Relax / (torch.norm(self.Relax, p=2, dim=1, keepdim=True) + 1e-8)
+        if self.kind != "archetypal":
+            return self.Relax
+        with torch.no_grad():
+            w = torch.relu(self.W)
+            w /= w.sum(dim=-1, keepdim=True) + 1e-8
+            self.W.data = w
+            self.Relax.data *= torch.clamp(0.1 / self.Relax.norm(dim=-1, keepdim=True), max=1)
+        return (self.W @ self.C + self.Relax) * torch.exp(self.multiplier)
+
+    def forward(self, x):
+        pre_codes = self.encoder(x)
+        codes = torch.relu(pre_codes)
+        top = torch.topk(codes, self.k, dim=-1)
+        z = torch.zeros_like(codes).scatter(-1, top.indices, top.values)
+        return pre_codes, z, z @ self.get_dictionary()
+
+
+@pytest.mark.parametrize("name,kind", [("topk-random", "l2"), ("ra-kmeans-shared", "archetypal"),
+                                       ("ra-projection-off-free", "projection-off"),
+                                       ("topk-kmeans-shared-free", "identity")])
+def test_the_authors_four_conditions_take_the_reference_models_step(name, kind):
+    """One step of each Table 3 condition on identical weights and batch equals one step of the
+    model as the authors' code builds it: their loss with the dead-latent term, overcomplete's
+    clipping at norm 1, Adam 5e-3 (atoms 13-24 start at zero, past the 12 shared centroids)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 16, generator=gen) + 3 * torch.randn(16, generator=gen)  # a mean: clips
+    arch, init, decoder = h.CONFIGURATIONS[name]
+    centroids = h.kmeans_centroids(x, 12, 0)
+    ours = h.make_sae(arch, init, x, 24, 3, 0, n_candidates=12, delta=0.1, decoder=decoder,
+                      shared_points=centroids, match_scale=False, pre_bias=False)
+    with torch.no_grad():
+        ours.b_enc[:4] -= 100.0  # four latents silent on the batch: the dead-latent term acts
+    start = centroids if kind == "archetypal" else ours.dictionary().detach()
+    ref = ReferenceSAE(ours.W_enc.detach(), ours.b_enc.detach(), start, kind, 3)
+    opt = torch.optim.Adam(ref.parameters(), lr=5e-3)
+    pre_codes, codes, x_hat = ref(x)
+    is_dead = ((codes > 0).sum(dim=0) == 0).float().detach()
+    loss = (x - x_hat).square().mean() - 1e-3 * (pre_codes * is_dead[None, :]).mean()
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+    opt.step()
+    arch_ = "topk" if isinstance(ours, h.TopKSAE) else "ra"
+    _, grads, _, _ = h.stacked_grads(arch_, stacked([ours], "parameters"), stacked([ours], "buffers"),
+                                     x.unsqueeze(0), 3, dead_penalty=1e-3, clip_grad=1.0)
+    names = {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "W_dec": "Relax", "W": "W",
+             "Lambda": "Relax", "multiplier": "multiplier"}
+    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    assert set(ref_grads) == {names[n] for n in grads}  # the same trained parameters
+    for n, g in grads.items():  # the same clipped gradients, dead-latent term included
+        assert torch.allclose(g[0], ref_grads[names[n]], atol=1e-6), n
+    out = h.train_saes([ours], x, [0], 64, 64, lr=5e-3, clip_grad=1.0, dead_penalty=1e-3,
+                       device="cpu", progress=False)
+    assert norm > 1.0 and is_dead[:4].all() and out["clipped"] == [1.0]  # clip and term act
+    assert torch.allclose(out["dictionaries"][-1, 0], ref.get_dictionary().detach(), atol=1e-5)
+    assert torch.allclose(ours.W_enc, ref.encoder.weight, atol=1e-5)
+    assert torch.allclose(ours.b_enc, ref.encoder.bias, atol=1e-5)
+    assert not torch.allclose(out["dictionaries"][-1, 0], out["dictionaries"][0, 0], atol=1e-4)
+    norms = out["dictionaries"][-1, 0].norm(dim=-1)
+    if kind in ("identity", "projection-off"):  # free rows: not renormalized; zero atoms grow
+        assert (norms[12:] > 0.01).any() and not torch.allclose(norms[:12], torch.ones(12), atol=1e-3)
 
 
 @pytest.mark.parametrize("arch", ["topk", "ra"])
@@ -283,7 +371,7 @@ def test_archetypal_constraints_hold_after_training(data):
         lam = m.Lambda.detach().norm(dim=-1)
         assert lam.max() <= 0.05 + 1e-6
         assert lam.max() > 0.049  # the clip is active, not vacuous
-    free, _ = train("ra", "kmeans-shared", data, project=False, steps=30)
+    free, _ = train("ra", "kmeans-shared", data, decoder="unprojected", steps=30)
     assert (free[0].W.detach() < 0).any()  # projection off: W leaves the simplex
 
 
@@ -581,7 +669,7 @@ def test_stability_table_tells_shared_starts_from_stabilizing_ones():
 def test_the_authors_pattern_holds_on_their_own_numbers_and_not_on_its_opposite():
     assert all(h.authors_pattern(h.AUTHORS_TABLE3).values())
     flipped = {**h.AUTHORS_TABLE3, ("ra-kmeans-shared", "centered"): 0.05,
-               ("topk-kmeans-shared", "raw"): 0.25}
+               ("topk-kmeans-shared-free", "raw"): 0.25}
     pattern = h.authors_pattern(flipped)
     assert not pattern["raw_shared_far_closer"] and not pattern["centering_pulls_ra_apart"]
     assert pattern["unconstrained_stay_close"]

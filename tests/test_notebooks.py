@@ -169,7 +169,10 @@ def test_04_science_invariants_hold_on_the_outputs(smoke):
     assert len(res["falsification"]) == 8 and len(res["geometry_free"]) == 4
     assert len(res["stabilization_advantage"]) == 8 and res["tests_skipped"] == []
     assert {r["outcome"] for r in res["falsification"]} <= {h.CLOSER, h.FURTHER, h.NO_DIFFERENCE}
-    assert len(res["authors_table"]) == 8 and set(res["authors_pattern"]) == {
+    # the grid builds two of the authors' four conditions as their code does (the other two are
+    # the authors profiles' -free configurations)
+    assert {r["configuration"] for r in res["authors_table"]} == {"topk-random", "ra-kmeans-shared"}
+    assert len(res["authors_table"]) == 4 and set(res["authors_pattern"]) == {
         "raw_shared_far_closer", "centering_pulls_ra_apart", "unconstrained_stay_close"}
     assert {"recovered", "hungarian_between_runs"} == set(res["synthetic"]["topk-random"])
     for name in ("fig1_mean_min", "fig1_hungarian"):
@@ -266,8 +269,14 @@ def test_the_authors_protocol_runs_on_the_smoke_model(run_copy):
     cell = h.load_cell(run_copy, "ra-kmeans-shared", "raw")
     assert (cell["dictionaries"][0, :, 16:] == 0).all()  # W = eye(32, 16): atoms 17-32 at zero
     assert "b_pre" not in dict(h.sae_from_state(cell["state_dicts"][0], cell["meta"]).named_parameters())
-    topk = h.load_cell(run_copy, "topk-kmeans-shared", "raw")
-    assert "b_pre" not in dict(h.sae_from_state(topk["state_dicts"][0], topk["meta"]).named_parameters())
+    for name in ("topk-kmeans-shared-free", "ra-projection-off-free"):  # free rows from W C
+        free = h.load_cell(run_copy, name, "raw")
+        state = free["state_dicts"][0]
+        assert "b_pre" not in dict(h.sae_from_state(state, free["meta"], h.CONFIGURATIONS[name][2])
+                                   .named_parameters())
+        assert torch.equal(free["dictionaries"][0, 0, :16], cell["dictionaries"][0, 0, :16])
+        assert free["dictionaries"][-1, :, 16:].norm(dim=-1).max() > 0  # the zero atoms grew
+        assert not torch.allclose(free["dictionaries"][-1].norm(dim=-1), torch.tensor(1.0))
     abl = run_stage("04_initialization_ablation", run_copy, configurations=protocol["configurations"],
                     n_boot=100, synthetic_tokens=1280)
     assert len(abl["authors_table"]) == 8 and all(np.isfinite(r["mean"]) for r in abl["authors_table"])
