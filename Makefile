@@ -36,14 +36,15 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 # A stage is done when its JSON exists under runs/<profile>/ (git-ignored); it re-runs when that
-# JSON is missing (a clean clone), older than its notebook, the profile, the code, the previous
-# stage or one of its own artifacts. `report.py run` checks every parameter of the profile before
+# JSON is missing (a clean clone), older than its notebook, the profile, the code it calls, the
+# previous stage or one of its own artifacts. `report.py run` checks every parameter of the profile before
 # anything runs, and writes the executed notebook, its HTML and JSON to report/<profile>/.
 report: $(RUN_DIR)/$(lastword $(STAGES)).json README.md
 
+# each stage depends on the modules whose functions it calls, and on theirs (ablation/deps.py)
 define stage
-$(RUN_DIR)/$(basename $(notdir $(1))).json: $(1) params/$(PROFILE).yaml helpers.py report.py $(2) \
-    $(ARTIFACTS_$(basename $(notdir $(1)))) | $(STAMP)
+$(RUN_DIR)/$(basename $(notdir $(1))).json: $(1) params/$(PROFILE).yaml report.py $(2) \
+    $(shell $(PYTHON) -m ablation.deps $(1)) $(ARTIFACTS_$(basename $(notdir $(1)))) | $(STAMP)
 	$(PY) report.py run $(PROFILE) $(1)
 endef
 # stage i also waits for stage i-1
@@ -55,7 +56,7 @@ params/%.yaml:
 	@$(PY) report.py check $*
 
 # The README's generated blocks come from the committed profiles' report JSON only.
-README.md: readme.py $(foreach p,$(COMMITTED),$(wildcard report/$(p)/*.json)) | $(STAMP)
+README.md: readme.py ablation/labels.py $(foreach p,$(COMMITTED),$(wildcard report/$(p)/*.json)) | $(STAMP)
 	$(PY) readme.py
 
 lab: $(STAMP)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import helpers as h
+from ablation import labels
 
 ROOT = Path(__file__).resolve().parent
 # committed profile -> how the README names its model
@@ -43,9 +43,9 @@ def geometry_free_sentence(abl: dict) -> str:
     rows = abl["geometry_free"]
     if not rows:
         return "The geometry-free control could not run (cells excluded by the quality gate)."
-    how = {h.AGREES_MORE: "agree more with each other than TopK runs do",
-           h.AGREES_LESS: "agree less with each other than TopK runs do",
-           h.NO_DIFFERENCE: "agree no more and no less than TopK runs do"}
+    how = {labels.AGREES_MORE: "agree more with each other than TopK runs do",
+           labels.AGREES_LESS: "agree less with each other than TopK runs do",
+           labels.NO_DIFFERENCE: "agree no more and no less than TopK runs do"}
     outcomes = {t["outcome"] for t in rows}
     said = how[outcomes.pop()] if len(outcomes) == 1 else \
         "agree more than TopK runs in some cells and less or no differently in others"
@@ -135,8 +135,8 @@ def authors_markdown() -> str:
               "whatever the distance is doing.", ""]
     for p in cols:
         pattern = tables[p]["authors_pattern"]
-        held = [h.AUTHORS_RULES[r] for r, ok in pattern.items() if ok]
-        broken = [h.AUTHORS_RULES[r] for r, ok in pattern.items() if not ok]
+        held = [labels.AUTHORS_RULES[r] for r, ok in pattern.items() if ok]
+        broken = [labels.AUTHORS_RULES[r] for r, ok in pattern.items() if not ok]
         lines.append(f"On the {AUTHORS_PROFILES[p]}, the authors' pattern "
                      + ("holds in full." if not broken else "holds in part." if held else "does not hold.")
                      + (f" Holds: {'; '.join(held)}." if held else "")

@@ -3,6 +3,7 @@
     python report.py check PROFILE [-p NAME VALUE ...]          # validate, print the run folder
     python report.py run PROFILE NOTEBOOK [-p NAME VALUE ...] [--output OUT.ipynb]
     python report.py html EXECUTED.ipynb                         # self-contained HTML page
+    python report.py params [--check]                            # notebooks' parameters cells
 
 A profile is params/<PROFILE>.yaml: the parameters that differ from the notebooks' own defaults
 (the defaults are the `default` profile). Everything a profile produces that is not committed
@@ -27,7 +28,7 @@ from pathlib import Path
 import papermill as pm
 import yaml
 
-import helpers as h
+from ablation import parameters
 
 ROOT = Path(__file__).resolve().parent
 PARAMS = ROOT / "params"
@@ -49,19 +50,10 @@ def fail(message: str) -> None:
 
 def load_profile(profile: str) -> dict:
     """The parameters of params/<profile>.yaml; a clear error naming the file, line and column."""
-    path = PARAMS / f"{profile}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in PARAMS.glob("*.yaml"))
-        fail(f"profile {profile!r} is unknown; choose one of {known}")
     try:
-        params = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        fail(f"{path.relative_to(ROOT)} is not valid YAML{where}: {getattr(err, 'problem', err)}")
-    if not isinstance(params, dict):
-        fail(f"{path.relative_to(ROOT)} must map parameter names to values")
-    return params
+        return parameters.load_profile(profile)
+    except ValueError as err:
+        fail(str(err))
 
 
 def declared(notebook: Path) -> dict:
@@ -107,8 +99,9 @@ def resolve(profile: str, overrides: dict, notebook: Path | None = None) -> dict
             fail(f"{notebook.name} does not declare {stray}; its parameters are "
                  f"{sorted(declared(notebook))}")
     try:
-        h.check_parameters(params)
-        h.resolve_device(params.get("device", "auto"))
+        parameters.check_parameters(params)
+        parameters.check_together(params)
+        parameters.resolve_device(params.get("device", "auto"))
     except ValueError as err:
         fail(f"params/{profile}.yaml with the overrides: {err}")
     run_dir = run_folder(profile, overrides)
@@ -172,8 +165,26 @@ def export_html(notebook: str | Path) -> Path:
     return out
 
 
+def write_parameter_cells(check: bool = False) -> list[str]:
+    """Regenerate every notebook's tagged parameters cell from ablation.parameters.PARAMETERS (for
+    the parameters it declares); with check, only list the notebooks whose cell differs."""
+    import nbformat
+
+    stale = []
+    for path in NOTEBOOKS:
+        nb = nbformat.read(str(path), as_version=4)
+        cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        text = parameters.parameters_cell(list(declared(path)))
+        if cell.source != text.rstrip("\n"):
+            stale.append(path.name)
+            if not check:
+                cell.source = text.rstrip("\n")
+                nbformat.write(nb, str(path))
+    return stale
+
+
 def main(argv: list[str] | None = None) -> None:
-    """The command line: check, run or html."""
+    """The command line: check, run, html or params."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("check", "run"):
@@ -184,9 +195,15 @@ def main(argv: list[str] | None = None) -> None:
             s.add_argument("--output", type=Path, help="the executed notebook (default: the report folder)")
         s.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     sub.add_parser("html").add_argument("notebook", type=Path)
+    sub.add_parser("params").add_argument("--check", action="store_true")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     if a.command == "html":
         return print(export_html(a.notebook))
+    if a.command == "params":
+        stale = write_parameter_cells(a.check)
+        if a.check and stale:
+            fail(f"parameters cells out of date in {stale}: run `python report.py params`")
+        return print("rewrote " + ", ".join(stale) if stale else "every parameters cell is current")
     overrides = parse_overrides(a.p)
     notebook = None
     if a.command == "run":

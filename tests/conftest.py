@@ -7,7 +7,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+
+from ablation import starts, synthetic, train
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -60,3 +64,41 @@ def smoke(made) -> Path:
 def run_copy(smoke, tmp_path) -> Path:
     """A copy of the smoke run folder (mtimes kept), for tests that re-run or break stages."""
     return Path(shutil.copytree(smoke, tmp_path / "run", symlinks=True))
+
+
+# ----------------------------------------------------------------------------- shared by the unit tests
+
+
+def random_dict(n: int, d: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def stacked(models, kind: str) -> dict:
+    """Parameters (kind='parameters') or buffers of same-shape models, stacked over runs."""
+    named = [dict(getattr(m, f"named_{kind}")()) for m in models]
+    return {n: torch.stack([d[n].detach() for d in named]) for n in named[0]}
+
+
+@pytest.fixture(scope="module")
+def toy() -> torch.Tensor:
+    return synthetic.galaxy_toy_data(4096, 64, 20.0, seed=0)
+
+
+@pytest.fixture(scope="module")
+def data() -> torch.Tensor:
+    return synthetic.galaxy_toy_data(4096, 16, 8.0, seed=3)
+
+
+def train_runs(arch, init, data, seeds=(0, 1, 2), steps=12, lr=3e-3, **kw):
+    train_kw = {k: kw.pop(k) for k in ("clip_grad", "lr_decay", "dead_penalty") if k in kw}
+    models = [starts.make_sae(arch, init, data, 24, 4, seed=s, **kw) for s in seeds]
+    out = train.train_saes(models, data, list(seeds), 64 * steps, 64, lr=lr, progress=False,
+                       device="cpu", **train_kw)
+    return models, out
+
+
+def pair_matrix(values: np.ndarray) -> np.ndarray:
+    """A symmetric run-by-run matrix with NaN diagonal whose pair (i, j) is values[i] + values[j]."""
+    m = values[:, None] + values[None, :]
+    np.fill_diagonal(m, np.nan)
+    return m

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import run, tracked_copy
 
-import helpers as h
+from ablation import activations, configs, grid, labels, lm, store
 import report
 
 pytestmark = pytest.mark.slow
@@ -43,7 +43,7 @@ def test_00_trains_and_saves_a_bootable_model(smoke):
     model_dir = smoke / "model"
     for f in ("config.json", "model.safetensors", "tokenizer.json", "meta.json"):
         assert (model_dir / f).is_file(), f
-    assert h.read_meta(model_dir / "meta.json")["sha256"] == h.file_sha256(model_dir / "model.safetensors")
+    assert store.read_meta(model_dir / "meta.json")["sha256"] == store.file_sha256(model_dir / "model.safetensors")
     assert res["vocab"] == 512 and res["n_params"] > 10_000
     assert np.isfinite(res["heldout_loss"]) and res["heldout_loss"] < np.log(512)
     assert 0 < res["unigram_entropy"] < np.log(512)
@@ -54,8 +54,8 @@ def test_00_trains_and_saves_a_bootable_model(smoke):
 
 def test_01_caches_the_requested_vectors_with_a_checksum(smoke):
     res = json.loads((smoke / "01_cache_activations.json").read_text())
-    train = h.open_cache(smoke / "acts_train.npy")
-    held = h.open_cache(smoke / "acts_heldout.npy")
+    train = activations.open_cache(smoke / "acts_train.npy")
+    held = activations.open_cache(smoke / "acts_heldout.npy")
     assert train.shape == (4000, 32) and held.shape == (1000, 32)
     assert np.isfinite(train).all() and train.std() > 0
     assert res["hook"] == "blocks.1.hook_resid_post" and len(res["layer_stats"]) == 2
@@ -74,24 +74,24 @@ def test_rerun_reuses_the_model_and_the_cache(run_copy):
 
 
 def test_cache_matches_the_model_and_refuses_other_metadata(smoke, tmp_path):
-    bridge = h.boot_model(str(smoke / "model"), "cpu")
+    bridge = lm.boot_model(str(smoke / "model"), "cpu")
     windows = np.arange(6 * 32, dtype=np.int32).reshape(6, 32) % 500
     meta = {"model_name": "t", "hook": "blocks.0.hook_resid_post", "dtype": "float32"}
     path = tmp_path / "a.npy"
-    acts = h.cache_activations(bridge, windows, path, meta, meta["hook"], 100, 4, True)
+    acts = activations.cache_activations(bridge, windows, path, meta, meta["hook"], 100, 4, True)
     _, cache = bridge.run_with_cache(torch.from_numpy(windows[:4].astype(np.int64)),
                                      names_filter=[meta["hook"]])
     ref = cache[meta["hook"]][:, 1:].reshape(-1, 32)[:100]
     assert np.allclose(acts, ref.numpy(), atol=1e-5)
-    assert h.load_cache(path, meta) is not None
-    assert h.load_cache(path, {**meta, "dtype": "float16"}) is None
-    assert h.load_cache(path, {**meta, "n_tokens": 99}) is None
+    assert activations.load_cache(path, meta) is not None
+    assert activations.load_cache(path, {**meta, "dtype": "float16"}) is None
+    assert activations.load_cache(path, {**meta, "n_tokens": 99}) is None
     with pytest.raises(ValueError, match="needs"):
-        h.token_windows(windows.reshape(-1), 32, 10_000, True)
+        activations.token_windows(windows.reshape(-1), 32, 10_000, True)
 
 
 def test_an_interrupted_cache_is_never_taken_for_a_whole_one(smoke, tmp_path):
-    bridge = h.boot_model(str(smoke / "model"), "cpu")
+    bridge = lm.boot_model(str(smoke / "model"), "cpu")
     calls = {"n": 0}
     real = bridge.run_with_cache
 
@@ -105,9 +105,9 @@ def test_an_interrupted_cache_is_never_taken_for_a_whole_one(smoke, tmp_path):
     meta = {"model_name": "t", "hook": "blocks.0.hook_resid_post"}
     windows = np.zeros((8, 32), dtype=np.int32)
     with pytest.raises(KeyboardInterrupt):
-        h.cache_activations(bridge, windows, tmp_path / "a.npy", meta, meta["hook"], 200, 2)
+        activations.cache_activations(bridge, windows, tmp_path / "a.npy", meta, meta["hook"], 200, 2)
     assert not list(tmp_path.iterdir())  # no cache, no JSON, no temporary left behind
-    assert h.load_cache(tmp_path / "a.npy", meta) is None
+    assert activations.load_cache(tmp_path / "a.npy", meta) is None
 
 
 def test_loading_fails_loudly_without_tokenizer_or_hub(smoke, tmp_path):
@@ -116,19 +116,19 @@ def test_loading_fails_loudly_without_tokenizer_or_hub(smoke, tmp_path):
     for f in ("config.json", "model.safetensors"):
         shutil.copy(smoke / "model" / f, bare / f)
     with pytest.raises((RuntimeError, OSError, ValueError), match="(?i)tokenizer"):
-        h.boot_model(str(bare), "cpu")
+        lm.boot_model(str(bare), "cpu")
     with pytest.raises(RuntimeError, match="local HuggingFace-format folder"):
-        h.boot_model("EleutherAI/pythia-70m-deduped", "cpu")  # HF_HUB_OFFLINE=1 in conftest
+        lm.boot_model("EleutherAI/pythia-70m-deduped", "cpu")  # HF_HUB_OFFLINE=1 in conftest
 
 
 # ----------------------------------------------------------------------------- 02, 03, 04
 def test_02_saves_every_cell_as_safetensors_with_snapshots_from_step_zero(smoke):
     res = json.loads((smoke / "02_train_saes.json").read_text())
     assert len(res["cells"]) == 12 and res["snapshots"][0] == 0
-    cell = h.load_cell(smoke, "ra-kmeans-shared", "centered")
+    cell = grid.load_cell(smoke, "ra-kmeans-shared", "centered")
     assert cell["dictionaries"].shape == (len(res["snapshots"]), 3, 32, 32)
     assert cell["tokens"][-1] == 6400 and len(cell["state_dicts"]) == 3
-    assert cell["meta"]["clip_grad"] == 1.0 and cell["meta"]["code"] == h.code_hash(h.train_cell)
+    assert cell["meta"]["clip_grad"] == 1.0 and cell["meta"]["code"] == store.code_hash(grid.train_cell)
     assert not list((smoke / "saes").glob("*.pt")) and not list(smoke.rglob("*.tmp"))
     assert {r["configuration"] for r in res["start_scale"]} == {"topk-random", "ra-kmeans-shared"}
 
@@ -159,7 +159,7 @@ def test_04_science_invariants_hold_on_the_outputs(smoke):
     res = json.loads((smoke / "04_initialization_ablation.json").read_text())
     for key, s in res["stabilization"].items():
         name = key.split("__")[0]
-        if h.CONFIGURATIONS[name][1] == "kmeans-shared":
+        if configs.CONFIGURATIONS[name][1] == "kmeans-shared":
             assert abs(s["step0"]) < 1e-12 and s["shared_start"], key  # identical starts
         else:
             assert s["step0"] > 1e-3 and not s["shared_start"], key
@@ -168,7 +168,7 @@ def test_04_science_invariants_hold_on_the_outputs(smoke):
         assert res["quality_gate"][key] == [] and isinstance(res["flattening"][key]["flat"], bool)
     assert len(res["falsification"]) == 8 and len(res["geometry_free"]) == 4
     assert len(res["stabilization_advantage"]) == 8 and res["tests_skipped"] == []
-    assert {r["outcome"] for r in res["falsification"]} <= {h.CLOSER, h.FURTHER, h.NO_DIFFERENCE}
+    assert {r["outcome"] for r in res["falsification"]} <= {labels.CLOSER, labels.FURTHER, labels.NO_DIFFERENCE}
     # the grid builds two of the authors' four conditions as their code does (the other two are
     # the authors profiles' -free configurations)
     assert {r["configuration"] for r in res["authors_table"]} == {"topk-random", "ra-kmeans-shared"}
@@ -198,7 +198,7 @@ def test_nan_activations_are_refused_and_a_rebuilt_cache_gives_the_same_numbers(
         run_stage("02_train_saes", run_copy)
     assert mtimes(run_copy / "saes") == cells  # nothing trained, nothing saved
     run_stage("01_cache_activations", run_copy)  # sees the mismatch and rebuilds the cache
-    assert np.isfinite(h.open_cache(run_copy / "acts_train.npy")).all()
+    assert np.isfinite(activations.open_cache(run_copy / "acts_train.npy")).all()
     held = np.load(run_copy / "acts_heldout.npy", mmap_mode="r+")
     held[0] = np.nan
     held.flush()
@@ -229,7 +229,7 @@ def test_a_stale_cell_is_retrained_when_its_code_changed(run_copy):
 
 
 def test_a_second_run_on_the_same_folder_is_refused_naming_the_lock(run_copy):
-    held = h.lock_run_dir(run_copy)
+    held = store.lock_run_dir(run_copy)
     try:
         with pytest.raises(pm.PapermillExecutionError, match=r"\.lock is locked by pid"):
             run_stage("03_galaxy_far_away", run_copy)
@@ -266,13 +266,13 @@ def test_the_authors_protocol_runs_on_the_smoke_model(run_copy):
     grid = run_stage("02_train_saes", run_copy, **protocol, n_latents=32, n_candidates=16, k=2,
                      train_tokens=1000, n_fit_tokens=1000, sae_tokens=12800)
     assert grid["n_training_tokens"] == 1000 and len(grid["cells"]) == 8
-    cell = h.load_cell(run_copy, "ra-kmeans-shared", "raw")
+    cell = grid.load_cell(run_copy, "ra-kmeans-shared", "raw")
     assert (cell["dictionaries"][0, :, 16:] == 0).all()  # W = eye(32, 16): atoms 17-32 at zero
-    assert "b_pre" not in dict(h.sae_from_state(cell["state_dicts"][0], cell["meta"]).named_parameters())
+    assert "b_pre" not in dict(grid.sae_from_state(cell["state_dicts"][0], cell["meta"]).named_parameters())
     for name in ("topk-kmeans-shared-free", "ra-projection-off-free"):  # free rows from W C
-        free = h.load_cell(run_copy, name, "raw")
+        free = grid.load_cell(run_copy, name, "raw")
         state = free["state_dicts"][0]
-        assert "b_pre" not in dict(h.sae_from_state(state, free["meta"], h.CONFIGURATIONS[name][2])
+        assert "b_pre" not in dict(grid.sae_from_state(state, free["meta"], configs.CONFIGURATIONS[name][2])
                                    .named_parameters())
         assert torch.equal(free["dictionaries"][0, 0, :16], cell["dictionaries"][0, 0, :16])
         assert free["dictionaries"][-1, :, 16:].norm(dim=-1).max() > 0  # the zero atoms grew

@@ -1,0 +1,36 @@
+"""The grid's vocabulary: architectures, starts, decoders, configurations, preprocessing."""
+
+from __future__ import annotations
+
+
+ARCHITECTURES = ("topk", "ra")
+
+INITS = {"topk": ("random", "kmeans-shared", "kmeans-independent"),
+         "ra": ("random", "kmeans-shared", "kmeans-independent", "random-points")}
+
+# how each architecture's decoder is built and kept; the first is the architecture's default.
+# topk: "unit" rows renormalized after every step (overcomplete's default l2) or "free" rows
+# (overcomplete's normalization="identity"). ra: "projected" (the RA-SAE), "unprojected" (W, Lambda
+# and exp(m) trained without the projection) or "relax" (the reference's projection=False: one free
+# matrix Relax started at W C and returned as is, no multiplier; built as a free-row TopK SAE with
+# no pre-bias, since that is what it is)
+DECODERS = {"topk": ("unit", "free"), "ra": ("projected", "unprojected", "relax")}
+
+# configuration name -> (architecture, initialization, decoder)
+CONFIGURATIONS = {
+    "topk-random": ("topk", "random", "unit"),
+    "topk-kmeans-shared": ("topk", "kmeans-shared", "unit"),
+    "ra-kmeans-shared": ("ra", "kmeans-shared", "projected"),
+    "ra-kmeans-independent": ("ra", "kmeans-independent", "projected"),
+    "ra-projection-off": ("ra", "kmeans-shared", "unprojected"),
+    "ra-random-points": ("ra", "random-points", "projected"),
+    # the authors' two controls exactly as their code builds them (Table 3, the authors profiles)
+    "topk-kmeans-shared-free": ("topk", "kmeans-shared", "free"),
+    "ra-projection-off-free": ("ra", "kmeans-shared", "relax"),
+}
+
+PREPROCESSING = ("raw", "centered")
+
+BASELINE = "topk-random"  # the configuration every archetypal challenger is compared with
+
+CHALLENGERS = ("ra-kmeans-independent", "ra-random-points")  # archetypal, starts not shared

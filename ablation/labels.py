@@ -1,0 +1,36 @@
+"""The report's words: outcome labels and the authors' Table 3 with its stated rules (no torch)."""
+
+from __future__ import annotations
+
+# outcome labels of the comparisons; readme.py reads them to phrase the verdict
+CLOSER = "archetypal closer: falsifies"
+FURTHER = "archetypal further apart"
+NO_DIFFERENCE = "no detectable difference"
+AGREES_MORE = "archetypal agrees more"
+AGREES_LESS = "archetypal agrees less"
+
+# The authors' vision notebooks (DINOv2-small patch tokens; Hungarian cosine distance, 2 runs),
+# keyed by the configuration that builds each condition as their code does
+AUTHORS_TABLE3 = {
+    ("topk-random", "raw"): 0.283, ("topk-random", "centered"): 0.419,
+    ("ra-kmeans-shared", "raw"): 0.087, ("ra-kmeans-shared", "centered"): 0.245,
+    ("ra-projection-off-free", "raw"): 0.089, ("ra-projection-off-free", "centered"): 0.081,
+    ("topk-kmeans-shared-free", "raw"): 0.076, ("topk-kmeans-shared-free", "centered"): 0.072,
+}
+
+AUTHORS_CONDITIONS = {"topk-random": "TopK SAE, random init",
+                      "ra-kmeans-shared": "RA-SAE (shared k-means init)",
+                      "ra-projection-off-free": "RA-SAE, projection off",
+                      "topk-kmeans-shared-free": "TopK SAE, shared k-means init"}
+
+SHARED_START = ("ra-kmeans-shared", "ra-projection-off-free", "topk-kmeans-shared-free")
+
+UNCONSTRAINED_SHARED = ("ra-projection-off-free", "topk-kmeans-shared-free")
+
+AUTHORS_RULES = {  # the authors' pattern as three stated rules: name -> the rule, in words
+    "raw_shared_far_closer": "on raw data, every shared-start condition ends at most half as far "
+                             "apart as TopK from a random start",
+    "centering_pulls_ra_apart": "centering moves the RA-SAE at least 1.5 times further apart",
+    "unconstrained_stay_close": "on centered data, the unconstrained shared-start models stay at "
+                                "most half as far apart as TopK",
+}

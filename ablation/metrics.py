@@ -1,0 +1,99 @@
+"""Distances between dictionaries and reconstruction metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from .sae import unit_rows
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:
+    """Cosine-similarity matrix between rows of a and b, after subtracting center if given.
+
+    A zero row (an atom that never left zero) has cosine 0 with every atom: it counts as
+    maximally distant from everything and never as a match; no NaN arises.
+    """
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    if center is not None:
+        c = torch.as_tensor(center).double()
+        a, b = a - c, b - c
+    return unit_rows(a) @ unit_rows(b).T
+
+
+def _mean_min(cos: torch.Tensor) -> float:
+    """Symmetric mean-min cosine distance from a cosine-similarity matrix."""
+    return float(((1 - cos.max(1).values).mean() + (1 - cos.max(0).values).mean()) / 2)
+
+
+def _hungarian(cost: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Optimal one-to-one assignment (scipy linear_sum_assignment) minimizing cost."""
+    return linear_sum_assignment(cost.detach().cpu().numpy())
+
+
+def _matched_cosines(cos: torch.Tensor) -> torch.Tensor:
+    """Cosines of the one-to-one matching that maximizes total cosine."""
+    r, c = _hungarian(-cos)
+    return cos[r, c]
+
+
+def mean_min_cosine_distance(a: torch.Tensor, b: torch.Tensor,
+                             center: torch.Tensor | None = None) -> float:
+    """Symmetric mean over atoms of the minimum cosine distance to the other dictionary."""
+    return _mean_min(_cosine(a, b, center))
+
+
+def hungarian_cosine_distance(a: torch.Tensor, b: torch.Tensor,
+                              center: torch.Tensor | None = None) -> float:
+    """Mean cosine distance over the optimal one-to-one matching of atoms (1 - PW-MCC)."""
+    return float((1 - _matched_cosines(_cosine(a, b, center))).mean())
+
+
+def matched_share(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.7,
+                  center: torch.Tensor | None = None) -> float:
+    """Share of Hungarian-matched atom pairs with cosine >= threshold (Paulo & Belrose)."""
+    return float((_matched_cosines(_cosine(a, b, center)) >= threshold).double().mean())
+
+
+def hungarian_l2_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean L2 distance over the optimal one-to-one matching of atoms (no angles involved)."""
+    cost = torch.cdist(torch.as_tensor(a).double(), torch.as_tensor(b).double(),
+                       compute_mode="donot_use_mm_for_euclid_dist")
+    r, c = _hungarian(cost)
+    return float(cost[r, c].mean())
+
+
+def matched_activation_correlation(codes_a: torch.Tensor, codes_b: torch.Tensor) -> float:
+    """Mean Pearson correlation of latents matched one-to-one by their activations on the same data.
+
+    Latents that never fire have no correlation; they count as 0.
+    """
+    za, zb = torch.as_tensor(codes_a).double(), torch.as_tensor(codes_b).double()
+    za, zb = za - za.mean(0), zb - zb.mean(0)
+    na, nb = za.norm(dim=0), zb.norm(dim=0)
+    corr = (za.T @ zb) / (na[:, None] * nb[None, :]).clamp_min(1e-12)
+    r, c = _hungarian(-corr)
+    return float(corr[r, c].mean())
+
+
+def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Fraction of variance unexplained, sum |x - x_hat|^2 / sum |x - mean(x)|^2 (per-dim mean)."""
+    x, x_hat = torch.as_tensor(x).double(), torch.as_tensor(x_hat).double()
+    return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+def scalar_mean_r2(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """The misleading R^2 some libraries report: 1 - SSE / sum |x - one scalar mean|^2."""
+    x, x_hat = torch.as_tensor(x).double(), torch.as_tensor(x_hat).double()
+    return float(1 - (x - x_hat).pow(2).sum() / (x - x.mean()).pow(2).sum())
+
+
+def l0(codes: torch.Tensor) -> float:
+    """Mean number of non-zero latents per token."""
+    return float((torch.as_tensor(codes) != 0).double().sum(-1).mean())
+
+
+def dead_fraction(codes: torch.Tensor) -> float:
+    """Fraction of latents that never fire on the given tokens."""
+    return float((torch.as_tensor(codes) != 0).sum(0).eq(0).double().mean())
