@@ -100,7 +100,8 @@ def resolve(profile: str, overrides: dict, notebook: Path | None = None) -> dict
                  f"{sorted(declared(notebook))}")
     try:
         parameters.check_parameters(params)
-        parameters.check_together(params)
+        parameters.check_together({**{n: parameters.default(n) for n in parameters.PARAMETERS},
+                                   **params})
         parameters.resolve_device(params.get("device", "auto"))
     except ValueError as err:
         fail(f"params/{profile}.yaml with the overrides: {err}")

@@ -229,7 +229,7 @@ def test_a_stale_cell_is_retrained_when_its_code_changed(run_copy):
 
 
 def test_a_second_run_on_the_same_folder_is_refused_naming_the_lock(run_copy):
-    held = store.lock_run_dir(run_copy)
+    held = store.lock_run_dir(run_copy, "smoke")
     try:
         with pytest.raises(pm.PapermillExecutionError, match=r"\.lock is locked by pid"):
             run_stage("03_galaxy_far_away", run_copy)
@@ -255,6 +255,26 @@ def test_profile_mistakes_fail_before_any_stage(tmp_path):
     done = run(["python", "report.py", "run", "smoke", "notebooks/03_galaxy_far_away.ipynb",
                 "-p", "k", "32"], repo, ok=False)
     assert "03_galaxy_far_away.ipynb does not declare ['k']" in done.stderr
+    (repo / "params" / "sizes.yaml").write_text("k: 600\nlayer: 7\nmodel_name: ./no-model\n")
+    done = run(["make", "report", "PROFILE=sizes"], repo, ok=False)
+    for message in ("k=600 must lie in 1..n_latents=512", "model_name='./no-model' is neither a folder"):
+        assert message in done.stderr, done.stderr
+    assert not (repo / "runs").exists()  # checked together, before stage 00
+
+
+def test_plain_papermill_with_a_profile_writes_only_under_its_run_folder(tmp_path):
+    """papermill -f params/smoke.yaml, as a reader re-runs a stage: the smoke profile's run folder
+    and nothing else; then a stage of another profile pointed at that folder stops, naming both."""
+    repo = tracked_copy(tmp_path / "repo")
+    run(["papermill", "notebooks/00_language_model.ipynb", "out.ipynb", "-f", "params/smoke.yaml",
+         "--no-progress-bar"], repo)
+    assert sorted(p.name for p in (repo / "runs").iterdir()) == ["smoke"]
+    assert json.loads((repo / "runs" / "smoke" / "profile.json").read_text()) == {"profile": "smoke"}
+    assert (repo / "runs" / "smoke" / "00_language_model.json").is_file()
+    done = run(["papermill", "notebooks/00_language_model.ipynb", "out2.ipynb", "-f",
+                "params/authors.yaml", "-p", "run_dir", "runs/smoke", "--no-progress-bar"], repo, ok=False)
+    assert done.returncode != 0
+    assert "holds the results of profile 'smoke'; this run is profile 'authors'" in done.stderr + done.stdout
 
 
 def test_the_authors_protocol_runs_on_the_smoke_model(run_copy):
@@ -263,9 +283,9 @@ def test_the_authors_protocol_runs_on_the_smoke_model(run_copy):
     authors = report.load_profile("authors")
     protocol = {k: authors[k] for k in ("configurations", "match_start_scale", "center_encoder",
                                         "pre_bias", "lr_decay", "dead_penalty", "clip_grad", "delta")}
-    grid = run_stage("02_train_saes", run_copy, **protocol, n_latents=32, n_candidates=16, k=2,
+    trained = run_stage("02_train_saes", run_copy, **protocol, n_latents=32, n_candidates=16, k=2,
                      train_tokens=1000, n_fit_tokens=1000, sae_tokens=12800)
-    assert grid["n_training_tokens"] == 1000 and len(grid["cells"]) == 8
+    assert trained["n_training_tokens"] == 1000 and len(trained["cells"]) == 8
     cell = grid.load_cell(run_copy, "ra-kmeans-shared", "raw")
     assert (cell["dictionaries"][0, :, 16:] == 0).all()  # W = eye(32, 16): atoms 17-32 at zero
     assert "b_pre" not in dict(grid.sae_from_state(cell["state_dicts"][0], cell["meta"]).named_parameters())

@@ -62,7 +62,7 @@ def test_make_report_is_incremental_and_rejects_unknown_profiles(made):
     again = run(["make", "report", "PROFILE=smoke"], made).stdout
     assert "report.py run" not in again  # nothing changed: no stage re-ran
     bad = run(["make", "report", "PROFILE=nope"], made, ok=False)
-    assert bad.returncode != 0 and "profile 'nope' is unknown" in bad.stderr
+    assert bad.returncode != 0 and "profile='nope' is unknown" in bad.stderr
     assert not (made / "report" / "nope").exists() and not (made / "runs" / "nope").exists()
 
 
