@@ -90,7 +90,7 @@ def _use_c(*tensors: torch.Tensor, table_rows: int | None = None, idx: torch.Ten
     if ok and idx is not None:
         ok = idx.device.type == "cpu" and idx.is_contiguous() and idx.dtype == torch.int64
         if ok and idx.numel() and table_rows is not None:
-            lo, hi = int(idx.min()), int(idx.max())
+            lo, hi = (int(v) for v in torch.aminmax(idx))
             if lo < 0 or hi >= table_rows:
                 raise IndexError(f"idx holds {lo if lo < 0 else hi}, outside 0..{table_rows - 1}")
     return ok
