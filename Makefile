@@ -64,6 +64,7 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_cache.py
 
 clean:

@@ -10,6 +10,9 @@ trained together carry a leading ``n_seeds`` axis.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 # every stage: the grid's vocabulary, parameters and their checks, files, figures
 from ablation.configs import (  # noqa: F401
     ARCHITECTURES, BASELINE, CHALLENGERS, CONFIGURATIONS, DECODERS, INITS, PREPROCESSING,
@@ -64,5 +67,8 @@ from ablation.labels import (  # noqa: F401
 
 def use_profile(namespace: dict) -> dict:
     """This notebook's parameters, each left at None filled from its profile (else its default)
-    and all checked before any work: ``globals().update(h.use_profile(globals()))``."""
-    return resolve_parameters({n: v for n, v in namespace.items() if n in PARAMETERS})
+    and all checked before any work: ``globals().update(h.use_profile(globals()))``. The notebook
+    then works from the repository root, as report.py runs it, wherever JupyterLab started it."""
+    params = resolve_parameters({n: v for n, v in namespace.items() if n in PARAMETERS})
+    os.chdir(Path(__file__).resolve().parent)
+    return params

@@ -141,6 +141,12 @@ def authors_markdown() -> str:
                      + ("holds in full." if not broken else "holds in part." if held else "does not hold.")
                      + (f" Holds: {'; '.join(held)}." if held else "")
                      + (f" Does not hold: {'; '.join(broken)}." if broken else ""))
+        gate = tables[p]["quality_gate"]
+        flagged = [f"`{r['configuration']}` {r['preprocessing']}: {', '.join(gate[key])}"
+                   for r in tables[p]["authors_table"]
+                   if gate.get(key := f"{r['configuration']}__{r['preprocessing']}")]
+        if flagged:
+            lines[-1] += " Flagged by the quality gate: " + "; ".join(flagged) + "."
         lines.append("")
     return "\n".join(lines)
 

@@ -5,9 +5,9 @@
     python report.py html EXECUTED.ipynb                         # self-contained HTML page
     python report.py params [--check]                            # notebooks' parameters cells
 
-A profile is params/<PROFILE>.yaml: the parameters that differ from the notebooks' own defaults
-(the defaults are the `default` profile). Everything a profile produces that is not committed
-goes to its run folder, runs/<PROFILE>/; `run` writes the executed notebook, its HTML and its
+A profile is params/<PROFILE>.yaml: the parameters that differ from their defaults (declared once,
+in ablation/parameters.py; the defaults are the `default` profile). Everything a profile produces
+that is not committed goes to its run folder, runs/<PROFILE>/; `run` writes the executed notebook, its HTML and its
 JSON to report/<PROFILE>/. With -p overrides (values parsed as YAML) a run goes to its own run
 folder, runs/<PROFILE>+<overrides>/ (printed), which starts with links to the profile's caches and
 SAE cells so upstream work is reused but never overwritten, and its figures and report pages go

@@ -263,12 +263,14 @@ def test_profile_mistakes_fail_before_any_stage(tmp_path):
 
 
 def test_plain_papermill_with_a_profile_writes_only_under_its_run_folder(tmp_path):
-    """papermill -f params/smoke.yaml, as a reader re-runs a stage: the smoke profile's run folder
-    and nothing else; then a stage of another profile pointed at that folder stops, naming both."""
+    """papermill -f params/smoke.yaml, as a reader re-runs a stage (from notebooks/, as JupyterLab
+    starts a kernel): the smoke profile's run folder under the repository root and nothing else;
+    then a stage of another profile pointed at that folder stops, naming both."""
     repo = tracked_copy(tmp_path / "repo")
     run(["papermill", "notebooks/00_language_model.ipynb", "out.ipynb", "-f", "params/smoke.yaml",
-         "--no-progress-bar"], repo)
+         "--cwd", "notebooks", "--no-progress-bar"], repo)  # started in notebooks/, as JupyterLab does
     assert sorted(p.name for p in (repo / "runs").iterdir()) == ["smoke"]
+    assert not (repo / "notebooks" / "runs").exists()
     assert json.loads((repo / "runs" / "smoke" / "profile.json").read_text()) == {"profile": "smoke"}
     assert (repo / "runs" / "smoke" / "00_language_model.json").is_file()
     done = run(["papermill", "notebooks/00_language_model.ipynb", "out2.ipynb", "-f",
