@@ -36,8 +36,11 @@ def tracked_copy(dest: Path, outputs: bool = False) -> Path:
 
 
 def run(cmd: list[str], cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
-    """Run a command in cwd with the project's Python first on PATH; check its status if ok."""
-    env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
+    """Run a command in cwd (a copy of the repository) with the project's Python first on PATH and
+    the copy's own code first on the import path (the shared .venv's editable install points at
+    this checkout); check its status if ok."""
+    env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",
+           "PYTHONPATH": str(cwd)}
     done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
     if ok:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
