@@ -14,15 +14,11 @@ import os
 from pathlib import Path
 
 # every stage: the grid's vocabulary, parameters and their checks, files, figures
-from ablation.configs import (  # noqa: F401
-    ARCHITECTURES, BASELINE, CHALLENGERS, CONFIGURATIONS, DECODERS, INITS, PREPROCESSING,
-)
-from ablation.parameters import (  # noqa: F401
-    PARAMETERS, check_parameters, resolve_device, resolve_parameters,
-)
+from ablation.configs import BASELINE, CONFIGURATIONS  # noqa: F401
+from ablation.parameters import PARAMETERS, resolve_device, resolve_parameters  # noqa: F401
 from ablation.plots import STYLES, plot_trajectories, save_figure, set_style  # noqa: F401
 from ablation.store import (  # noqa: F401
-    cached_result, code_hash, load_result, lock_run_dir, read_meta, write_json_atomic,
+    cached_result, code_hash, lock_run_dir, read_meta, write_json_atomic,
 )
 
 # 00 · language model
@@ -60,9 +56,7 @@ from ablation.decisions import (  # noqa: F401
     authors_pattern, authors_table, falsification_tests, flattening, geometry_free_tests,
     ground_truth_summary, quality_gate, stabilization_tests, verdict,
 )
-from ablation.labels import (  # noqa: F401
-    AGREES_LESS, AGREES_MORE, AUTHORS_RULES, AUTHORS_TABLE3, CLOSER, FURTHER, NO_DIFFERENCE,
-)
+from ablation.labels import AUTHORS_CONDITIONS, AUTHORS_RULES  # noqa: F401
 
 
 def use_profile(namespace: dict) -> dict:
