@@ -12,10 +12,12 @@ from torch import nn
 
 from .activations import fit_sample
 from .configs import CONFIGURATIONS
+from .convergence import convergence, decay_steps, full_rate_steps
+from .metrics import pair_matrices
 from .sae import RelaxedArchetypalSAE, TopKSAE, match_start_scale_
 from .starts import make_sae
-from .store import load_result
-from .train import train_saes
+from .store import load_result, meta_matches, temp_path
+from .train import SAETrainer, decay_schedule, train_saes
 
 
 def training_set(acts: np.ndarray, train_tokens: int, seed: int) -> np.ndarray | torch.Tensor:
@@ -33,32 +35,128 @@ def fvu_of_mse(mse: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor | flo
     return mse * x.shape[1] / float((x - x.mean(0)).pow(2).sum(1).mean())
 
 
-def train_cell(name: str, prep: str, data: np.ndarray | torch.Tensor, sample: torch.Tensor,
-               seeds: Sequence[int], *, n_latents: int, k: int, n_candidates: int, delta: float,
-               sae_tokens: int, sae_batch_size: int, sae_lr: float, lr_decay: float,
-               clip_grad: float | None, dead_penalty: float, aux_k: int, aux_dead_tokens: int,
-               match_start_scale: bool, pre_bias: bool, center_encoder: bool,
-               kmeans_shared_seed: int, snapshots: Sequence[int],
-               shared_points: torch.Tensor | None = None, device: str = "auto") -> dict:
-    """Train every seed of one configuration on one preprocessing: one cell of the grid.
-
-    ``sample`` is the raw fit sample (k-means, candidates, the start scale, and the mean that
-    'centered' subtracts); ``data`` what the runs train on. Returns the snapshots, losses, the
-    share of clipped steps, the trained state of every run, the mean and each run's start scale.
-    """
+def build_cell(name: str, prep: str, sample: torch.Tensor, seeds: Sequence[int], *,
+               n_latents: int, k: int, n_candidates: int, delta: float, match_start_scale: bool,
+               pre_bias: bool, center_encoder: bool, kmeans_shared_seed: int,
+               shared_points: torch.Tensor | None = None) -> tuple[list[nn.Module], list[float]]:
+    """Every seed's SAE of one configuration on one preprocessing, at its start (and its start
+    scale): ``sample`` is the raw fit sample (k-means, candidates, the start scale, and the mean
+    that 'centered' subtracts)."""
     arch, init, decoder = CONFIGURATIONS[name]
-    mu = sample.mean(0)
-    x = sample - mu if prep == "centered" else sample
+    x = sample - sample.mean(0) if prep == "centered" else sample
     models = [make_sae(arch, init, x, n_latents, k, s, n_candidates, delta, decoder,
                        kmeans_shared_seed, shared_points, False, pre_bias, center_encoder)
               for s in seeds]
-    scales = [match_start_scale_(m, x) if match_start_scale else 1.0 for m in models]
-    out = train_saes(models, data, seeds, sae_tokens, sae_batch_size, sae_lr, snapshots,
-                     shift=mu if prep == "centered" else None, clip_grad=clip_grad,
-                     dead_penalty=dead_penalty, aux_k=aux_k if arch == "topk" else 0,
-                     aux_dead_tokens=aux_dead_tokens, lr_decay=lr_decay, device=device)
-    return {**out, "seeds": list(seeds), "state_dicts": [m.state_dict() for m in models],
-            "mean": mu, "start_scale": scales}
+    return models, [match_start_scale_(m, x) if match_start_scale else 1.0 for m in models]
+
+
+def _save_checkpoint(path: Path, meta: dict, trainer: SAETrainer, taken: dict) -> None:
+    """The trainer's state and the snapshots so far, written to a temporary name then renamed."""
+    tmp = temp_path(path)
+    torch.save({"meta": meta, "trainer": trainer.state_dict(), "taken": taken}, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path | None, meta: dict) -> dict | None:
+    """A checkpoint written for exactly this meta, else None (missing, partial or another cell's)."""
+    if path is None or not path.exists():
+        return None
+    try:
+        found = torch.load(path, weights_only=True)
+    except Exception:  # a file cut short is not a checkpoint
+        return None
+    return found if meta_matches(found.get("meta"), meta) else None
+
+
+def train_cell(name: str, prep: str, data: np.ndarray | torch.Tensor, sample: torch.Tensor,
+               seeds: Sequence[int], *, n_latents: int, k: int, n_candidates: int, delta: float,
+               min_sae_tokens: int, max_sae_tokens: int, sae_batch_size: int, sae_lr: float,
+               lr_decay: float, clip_grad: float | None, dead_penalty: float, aux_k: int,
+               aux_dead_tokens: int, match_start_scale: bool, pre_bias: bool, center_encoder: bool,
+               kmeans_shared_seed: int, n_log_snapshots: int, snapshots_per_doubling: int,
+               converge_tolerance: float, n_boot: int = 2000, seed: int = 0,
+               shared_points: torch.Tensor | None = None, checkpoint: str | os.PathLike | None = None,
+               meta: dict | None = None, device: str = "auto") -> dict:
+    """Train every seed of one configuration on one preprocessing until it has converged: one
+    cell of the grid.
+
+    The runs train at the full rate ``sae_lr`` for at least ``min_sae_tokens``; from there, at
+    every snapshot, the convergence criterion (``convergence.convergence``: the slope of the
+    Hungarian distance per doubling of tokens over the last doubling, 95% interval over runs,
+    within +-converge_tolerance) decides whether to go on, up to ``max_sae_tokens``. Then the
+    rate falls linearly to 0 over the last ``lr_decay`` share of all steps. Every snapshot holds
+    the run-by-run distances (``metrics.pair_matrices``). With ``checkpoint``, the state is saved
+    at every doubling and before the decay, for this ``meta``, and a re-run resumes from it bit
+    for bit. ``data`` is what the runs train on, ``sample`` the raw fit sample. Returns the
+    snapshots (steps, tokens, learning rates, dictionaries, distances), the convergence record,
+    losses, the share of clipped steps, every run's trained state, the mean and the start scales.
+    """
+    checkpoint = None if checkpoint is None else Path(checkpoint)
+    meta = meta or {}
+    mu = sample.mean(0)
+    models, scales = build_cell(
+        name, prep, sample, seeds, n_latents=n_latents, k=k, n_candidates=n_candidates,
+        delta=delta, match_start_scale=match_start_scale, pre_bias=pre_bias,
+        center_encoder=center_encoder, kmeans_shared_seed=kmeans_shared_seed,
+        shared_points=shared_points)
+    trainer = SAETrainer(models, data, seeds, sae_batch_size, sae_lr,
+                         shift=mu if prep == "centered" else None, clip_grad=clip_grad,
+                         dead_penalty=dead_penalty, aux_k=aux_k, aux_dead_tokens=aux_dead_tokens,
+                         device=device)
+    min_steps, max_steps = min_sae_tokens // sae_batch_size, max_sae_tokens // sae_batch_size
+    plan = full_rate_steps(min_steps, max_steps, n_log_snapshots, snapshots_per_doubling)
+    taken: dict = {"steps": [], "lr": [], "dictionaries": [], "distances": [], "record": None,
+                   "saved_at": 0}
+    found = _load_checkpoint(checkpoint, meta)
+    if found is not None:
+        trainer.load_state_dict(found["trainer"])
+        taken = found["taken"]
+
+    def take(lr: float) -> None:
+        """Snapshot every run's dictionary and the run-by-run distances now."""
+        dicts = trainer.dictionaries()
+        taken["steps"].append(trainer.step)
+        taken["lr"].append(lr)
+        taken["dictionaries"].append(dicts)
+        taken["distances"].append({m: torch.from_numpy(v) for m, v in pair_matrices(dicts).items()})
+
+    full = lambda step: sae_lr  # noqa: E731
+    while not (taken["record"] or {}).get("stop"):
+        s = next(s for s in plan if s > (taken["steps"][-1] if taken["steps"] else -1))
+        trainer.advance(s, full)
+        take(sae_lr)
+        if s >= min_steps:
+            tokens = [t * sae_batch_size for t in taken["steps"]]
+            hung = np.stack([d["hungarian"].numpy() for d in taken["distances"]])
+            record = convergence(hung, tokens, taken["lr"], converge_tolerance, n_boot=n_boot,
+                                 seed=seed)
+            taken["record"] = {**record, "stop": record["converged"] or s >= max_steps}
+        if checkpoint is not None and s >= min_steps and s >= 2 * taken["saved_at"]:
+            taken["saved_at"] = s
+            _save_checkpoint(checkpoint, meta, trainer, taken)
+    full_steps = taken["record"]["tokens"] // sae_batch_size
+    n_decay = decay_steps(full_steps, lr_decay)
+    if n_decay and checkpoint is not None and taken["saved_at"] < full_steps:
+        taken["saved_at"] = full_steps
+        _save_checkpoint(checkpoint, meta, trainer, taken)
+    lr_at = decay_schedule(sae_lr, full_steps + n_decay, n_decay)
+    for q in (0.25, 0.5, 0.75, 1.0):
+        s = full_steps + int(round(q * n_decay))
+        if s > taken["steps"][-1]:
+            trainer.advance(s, lr_at)
+            take(lr_at(s - 1))
+    trainer.write_back()
+    record = {k_: v for k_, v in taken["record"].items() if k_ != "stop"}
+    capped = not record["converged"]
+    record.update(full_rate_tokens=full_steps * sae_batch_size, decay_tokens=n_decay * sae_batch_size,
+                  tokens_trained=trainer.step * sae_batch_size, capped=capped,
+                  max_tokens=max_steps * sae_batch_size)
+    distances = {m: torch.stack([d[m] for d in taken["distances"]]) for m in taken["distances"][0]}
+    return {"steps": taken["steps"], "tokens": [s * sae_batch_size for s in taken["steps"]],
+            "lr": taken["lr"], "dictionaries": torch.stack(taken["dictionaries"]),
+            "distances": distances, "convergence": record, "loss": torch.stack(trainer.losses),
+            "clipped": (trainer.clipped / max(trainer.step, 1)).tolist(), "seeds": list(seeds),
+            "state_dicts": [m.state_dict() for m in models], "mean": mu, "start_scale": scales}
 
 
 def load_cell(run_dir: str | os.PathLike, name: str, prep: str) -> dict:
@@ -88,22 +186,27 @@ def sae_from_state(state: dict, meta: dict, decoder: str = "projected") -> nn.Mo
 
 def start_scale_effect(configurations: Sequence[str], preprocessing: Sequence[str],
                        data: np.ndarray | torch.Tensor, sample: torch.Tensor, n_steps: int,
-                       seed: int, shared: dict[str, torch.Tensor], **train: object) -> list[dict]:
-    """Training FVU over the last tenth of the first n_steps, with and without the start scale.
-
-    One run (``seed``) per configuration and preprocessing, trained as the grid trains it;
-    ``shared`` holds each preprocessing's shared k-means centroids.
-    """
+                       run_seed: int, shared: dict[str, torch.Tensor], **train: object) -> list[dict]:
+    """Training FVU over the last tenth of the first n_steps at the full rate, with and without
+    the start scale: one run (``run_seed``) per configuration and preprocessing, built and trained as
+    the grid does (``train``: train_cell's keywords); ``shared`` holds each preprocessing's
+    shared k-means centroids."""
+    build = {k_: train[k_] for k_ in ("n_latents", "k", "n_candidates", "delta", "pre_bias",
+                                      "center_encoder", "kmeans_shared_seed")}
+    fit = {k_: train[k_] for k_ in ("clip_grad", "dead_penalty", "aux_k", "aux_dead_tokens", "device")}
     rows = []
     for name in configurations:
         for prep in preprocessing:
-            x = sample - sample.mean(0) if prep == "centered" else sample
+            mu = sample.mean(0)
+            x = sample - mu if prep == "centered" else sample
             row = {"configuration": name, "preprocessing": prep}
             for match in (False, True):
-                cell = train_cell(name, prep, data, sample, [seed], **{
-                    **train, "match_start_scale": match, "shared_points": shared.get(prep),
-                    "sae_tokens": n_steps * train["sae_batch_size"], "snapshots": []})
-                loss = cell["loss"][-max(1, n_steps // 10):].mean()
+                models, _ = build_cell(name, prep, sample, [run_seed], match_start_scale=match,
+                                       shared_points=shared.get(prep), **build)
+                out = train_saes(models, data, [run_seed], n_steps * train["sae_batch_size"],
+                                 train["sae_batch_size"], train["sae_lr"], [],
+                                 shift=mu if prep == "centered" else None, progress=False, **fit)
+                loss = out["loss"][-max(1, n_steps // 10):].mean()
                 row["scaled" if match else "reference"] = float(fvu_of_mse(loss, x))
             rows.append(row)
     return rows

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -97,3 +99,20 @@ def l0(codes: torch.Tensor) -> float:
 def dead_fraction(codes: torch.Tensor) -> float:
     """Fraction of latents that never fire on the given tokens."""
     return float((torch.as_tensor(codes) != 0).sum(0).eq(0).double().mean())
+
+
+def pair_matrices(dicts: torch.Tensor) -> dict[str, np.ndarray]:
+    """Run-by-run matrices (NaN diagonal) of mean-min, Hungarian cosine distance and matched share.
+
+    ``dicts`` is (n_runs, n_atoms, d); one cosine matrix per pair serves all three metrics.
+    """
+    s = len(dicts)
+    out = {m: np.full((s, s), np.nan) for m in ("mean_min", "hungarian", "matched_share")}
+    unit = unit_rows(torch.as_tensor(dicts).double())
+    for i, j in itertools.combinations(range(s), 2):
+        cos = unit[i] @ unit[j].T
+        matched = _matched_cosines(cos)
+        for name, v in (("mean_min", _mean_min(cos)), ("hungarian", float((1 - matched).mean())),
+                        ("matched_share", float((matched >= 0.7).double().mean()))):
+            out[name][i, j] = out[name][j, i] = v
+    return out

@@ -99,8 +99,7 @@ _POS, _NONNEG = _int(1), _int(0)
 _POSITIVE = (_num(0, lo_open=True), "a number > 0")
 _NUMBER = (_num(0), "a number >= 0")
 _CLIP = (_num(0), "a number >= 0 (0: no clipping)")
-_SHARE_CLOSED = (_num(0, 1, hi_closed=True), "a number in [0, 1]")
-_SHARE_OPEN = (_num(0, 1, lo_open=True), "a number in (0, 1)")
+_SHARE = (_num(0, 1), "a number in [0, 1)")
 _BOOL = ((lambda v: isinstance(v, bool)), "true or false")
 _STR = ((lambda v: isinstance(v, str) and bool(v)), "a non-empty string")
 _DTYPE = ((lambda v: v in ("float32", "float16")), "'float32' or 'float16'")
@@ -158,10 +157,11 @@ PARAMETERS: dict[str, Parameter] = {
     "k": P('16', _POS, 'active latents per token'),
     "n_candidates": P('512', _POS, 'k-means centroids or candidate points per run; atoms past n_candidates start at zero'),
     "delta": P('1.0', _NUMBER, 'RA-SAE relaxation radius, absolute (reference default)'),
-    "sae_tokens": P('4_000_000', _POS, 'tokens each run sees (passes over the training set as needed)'),
+    "min_sae_tokens": P('2_000_000', _POS, 'tokens each run trains at the full rate before its convergence is first judged (a guard against an early plateau)'),
+    "max_sae_tokens": P('16_000_000', _POS, 'the cap: tokens at the full rate after which a run that has not converged stops, flagged'),
     "sae_batch_size": P('1024', _POS, 'tokens per step'),
     "sae_lr": P('5e-3', _POSITIVE, "Adam learning rate (the authors' rate)"),
-    "lr_decay": P('0.3', _SHARE_CLOSED, 'final share of the steps over which the learning rate falls linearly to 0'),
+    "lr_decay": P('0.2', _SHARE, 'final share of all steps over which the learning rate falls linearly to 0 (for the grid: after convergence)'),
     "clip_grad": P('1.0', _CLIP, "per-run gradient-norm clip, as overcomplete's train_sae; 0: off"),
     "dead_penalty": P('1e-3', _NUMBER, "the authors' dead-latent term (pushes up latents silent on a whole batch)"),
     "aux_k": P('0', _NONNEG, 'AuxK latents of Gao et al. for TopK SAEs; 0: off'),
@@ -172,8 +172,9 @@ PARAMETERS: dict[str, Parameter] = {
     "train_tokens": P('0', _NONNEG, '0: train on the whole cache; else on a fixed set of this many cached tokens'),
     "n_fit_tokens": P('50_000', _POS, 'activations sampled for k-means, candidates, the data mean and the start scale'),
     "kmeans_shared_seed": P('0', _NONNEG, 'the one k-means seed every kmeans-shared run reuses'),
-    "n_log_snapshots": P('14', _NONNEG, 'log-spaced snapshots (dense early)'),
-    "n_linear_snapshots": P('10', _NONNEG, 'evenly spaced snapshots (one at 80% of the tokens, where the flattening check starts)'),
+    "n_log_snapshots": P('14', _NONNEG, 'log-spaced snapshots up to min_sae_tokens (dense early)'),
+    "snapshots_per_doubling": P('8', _int(2), 'snapshots per doubling of tokens from min_sae_tokens / 2 on (the convergence slope is fitted over the last doubling)'),
+    "converge_tolerance": P('0.03', _POSITIVE, "converged: the 95% interval of the Hungarian distance's slope per doubling of tokens, at the full rate, lies within +-this"),
     "n_scale_steps": P('100', _POS, 'steps of the start-scale comparison'),
     "dose_scales": P('[0.0, 1.0, 4.0, 16.0]', _SCALES, 'multiples of the real |mu| for the dose-response'),
     "dose_sae_latents": P('256', _POS, 'latents of the dose-response SAEs (at most n_candidates)'),
@@ -181,10 +182,7 @@ PARAMETERS: dict[str, Parameter] = {
     "dose_sae_tokens": P('300_000', _POS, 'tokens each dose-response SAE sees'),
     "n_eval_tokens": P('20_000', _POS, 'held-out activations for reconstruction and activation correlation'),
     "n_boot": P('2000', _int(100), 'bootstrap resamples (over runs) for every interval'),
-    "max_snapshots": P('0', _NONNEG, '0 measures every snapshot; else at most this many, first and last kept (Hungarian is cubic in n_latents)'),
     "max_fvu": P('0.4', _POSITIVE, 'quality gate: a cell must reconstruct held-out activations with at most this FVU'),
-    "flat_window": P('0.2', _SHARE_OPEN, 'quality gate: the final share of tokens over which a trajectory must have stopped moving'),
-    "flat_tolerance": P('0.02', _POSITIVE, 'quality gate: largest change of the Hungarian distance allowed over that window'),
     "synthetic_tokens": P('1_000_000', _POS, 'tokens each synthetic-control SAE sees'),
     "synthetic_d": P('64', _POS, 'dimension of the synthetic data'),
     "synthetic_atoms": P('128', _POS, 'atoms of the known dictionary (and latents of the SAEs)'),
@@ -278,6 +276,14 @@ def check_together(params: dict) -> None:
     if "n_candidates" in p and "n_fit_tokens" in p and p["n_candidates"] > p["n_fit_tokens"]:
         bad.append(f"n_candidates={p['n_candidates']} must be at most n_fit_tokens="
                    f"{p['n_fit_tokens']} (k-means and random points draw from the fit sample)")
+    if "min_sae_tokens" in p and "max_sae_tokens" in p and p["min_sae_tokens"] > p["max_sae_tokens"]:
+        bad.append(f"min_sae_tokens={p['min_sae_tokens']:,} must be at most max_sae_tokens="
+                   f"{p['max_sae_tokens']:,}")
+    if {"min_sae_tokens", "sae_batch_size", "snapshots_per_doubling"} <= set(p) and \
+            p["min_sae_tokens"] < p["sae_batch_size"] * p["snapshots_per_doubling"]:
+        bad.append(f"min_sae_tokens={p['min_sae_tokens']:,} must be at least sae_batch_size x "
+                   f"snapshots_per_doubling = {p['sae_batch_size'] * p['snapshots_per_doubling']:,}, "
+                   "so that the last doubling holds distinct snapshots")
     name, layer = p.get("model_name"), p.get("layer")
     depth = p.get("n_layers", default("n_layers")) if name == default("model_name") \
         else MODEL_DEPTHS.get(name)

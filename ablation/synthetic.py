@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from .configs import CONFIGURATIONS
 from .sae import sparse_decode, unit_rows
 from .starts import kmeans_centroids, make_sae
-from .stats import pair_matrices
+from .metrics import pair_matrices
 from .train import train_saes
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -186,102 +186,174 @@ def take_rows(x: torch.Tensor | np.ndarray, idx: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x[idx.numpy()]))
 
 
+class SAETrainer:
+    """Several runs of one configuration trained together, step by step, and resumable exactly.
+
+    Each run keeps its own initialization (its model) and its own data order (a permutation of x
+    per epoch, drawn from its seed); batch b of run s is x[perm_s[...]] - shift. Every step clips
+    each run's gradient to global norm ``clip_grad`` as the reference library's ``train_sae``
+    does (None or 0: no clipping), then takes an Adam step; Adam on the stacked parameters equals
+    per-run Adam. ``dead_penalty`` is the authors' dead-latent term; ``aux_k`` > 0 adds Gao et
+    al.'s AuxK loss over the latents that fired on none of the last ``aux_dead_tokens`` tokens
+    (see sae_grads). ``state_dict`` holds everything that decides the next step (parameters,
+    Adam's moments, the data order, the dead-latent clocks, the losses so far), so a trainer
+    restored from it continues bit for bit as the uninterrupted one would.
+    """
+
+    def __init__(self, models: Sequence[nn.Module], x: torch.Tensor | np.ndarray,
+                 seeds: Sequence[int], batch_size: int = 1024, lr: float = 5e-4,
+                 shift: torch.Tensor | None = None, clip_grad: float | None = 1.0,
+                 dead_penalty: float = 0.0, aux_k: int = 0, aux_dead_tokens: int = 100_000,
+                 device: str = "auto", progress: bool = True):
+        self.arch = _check_models(models)
+        check_seeds(seeds)
+        if len(seeds) != len(models):
+            raise ValueError(f"seeds has {len(seeds)} entries for {len(models)} models")
+        if batch_size < 1 or len(x) < batch_size:
+            raise ValueError(f"batch_size={batch_size} must be >= 1 and at most the {len(x)} "
+                             "training tokens")
+        if x.shape[1] != models[0].W_enc.shape[1]:
+            raise ValueError(f"x has d_in={x.shape[1]}, the models expect {models[0].W_enc.shape[1]}")
+        if clip_grad is not None and not clip_grad >= 0:
+            raise ValueError(f"clip_grad={clip_grad} must be > 0, or 0 or None (no clipping)")
+        self.models, self.x, self.seeds, self.batch_size, self.lr = models, x, list(seeds), batch_size, lr
+        self.clip_grad, self.dead_penalty, self.progress = clip_grad or None, dead_penalty, progress
+        self.aux_k = aux_k if self.arch == "topk" else 0
+        self.aux_dead_tokens = aux_dead_tokens
+        self.device = resolve_device(device)
+        self.k = models[0].k
+        self.params = {n: _stack(models, n, self.device) for n, _ in models[0].named_parameters()}
+        self.buffers = {n: _stack(models, n, self.device) for n, _ in models[0].named_buffers()}
+        self.opt = torch.optim.Adam(list(self.params.values()), lr=lr,
+                                    fused=self.device.type in ("cpu", "cuda"))
+        self.shift = None if shift is None else torch.as_tensor(shift, dtype=torch.float32).to(self.device)
+        self.gens = [torch.Generator().manual_seed(s) for s in seeds]
+        self.epoch_gen_states = [g.get_state() for g in self.gens]  # before this epoch's draw
+        self.orders: list[torch.Tensor] = []
+        self.per_epoch = len(x) // batch_size
+        self.step = 0
+        self.losses: list[torch.Tensor] = []
+        self.clipped = torch.zeros(len(models))
+        self.since_fired = torch.zeros(len(models), models[0].W_enc.shape[0], device=self.device)
+        self.ws: dict = {}  # buffers reused across steps
+
+    def _batch(self, step: int) -> torch.Tensor:
+        """Step's batch of every run; a new epoch first draws every run's permutation of x."""
+        start = (step % self.per_epoch) * self.batch_size
+        if start == 0:
+            self.epoch_gen_states = [g.get_state() for g in self.gens]
+            self.orders = [torch.randperm(len(self.x), generator=g) for g in self.gens]
+        xb = torch.stack([take_rows(self.x, o[start:start + self.batch_size].sort().values)
+                          for o in self.orders]).float().to(self.device)
+        return xb if self.shift is None else xb - self.shift
+
+    def dictionaries(self) -> torch.Tensor:
+        """Every run's current atoms (n_seeds x n_latents x d_in), CPU float32."""
+        return stacked_dictionary(self.arch, self.params, self.buffers).float().cpu().clone()
+
+    def advance(self, to_step: int, lr_at: Callable[[int], float]) -> None:
+        """Train from the current step up to ``to_step``, step s at learning rate lr_at(s).
+
+        Stops with a FloatingPointError at the first non-finite loss."""
+        if to_step < self.step:
+            raise ValueError(f"to_step={to_step} is behind the trainer's step {self.step}")
+        arch, params = self.arch, self.params
+        for step in tqdm(range(self.step, to_step), desc=f"train {arch} x{len(self.models)}",
+                         disable=not self.progress, leave=False):
+            xb = self._batch(step)
+            loss, grads, norms, fired = stacked_grads(
+                arch, params, self.buffers, xb, self.k, self.dead_penalty, self.clip_grad,
+                self.since_fired >= self.aux_dead_tokens if self.aux_k else None, self.aux_k, self.ws)
+            self.since_fired = torch.where(fired > 0, 0.0, self.since_fired + self.batch_size)
+            if not bool(torch.isfinite(loss).all()):
+                bad = [s for s, ok in zip(self.seeds, torch.isfinite(loss).tolist()) if not ok]
+                cause = "the training data holds NaN or infinite values" if not bool(
+                    torch.isfinite(xb).all()) else "the training diverged"
+                raise FloatingPointError(f"non-finite loss at step {step} for seed(s) {bad}: "
+                                         f"{cause}; nothing was saved")
+            if self.clip_grad is not None:
+                self.clipped += (norms > self.clip_grad).float().cpu()
+            for n, p in params.items():
+                p.grad = grads[n]
+            self.opt.param_groups[0]["lr"] = lr_at(step)
+            self.opt.step()
+            with torch.no_grad():
+                if arch == "topk":
+                    if self.models[0].decoder_norm == "unit":
+                        params["W_dec"].copy_(unit_rows(params["W_dec"]))
+                elif self.models[0].project:
+                    project_archetypal_(params["W"], params["Lambda"], self.models[0].delta)
+            self.losses.append(loss.detach().cpu())
+            self.step = step + 1
+
+    def write_back(self) -> None:
+        """Copy the trained parameters into the models."""
+        with torch.no_grad():
+            for i, m in enumerate(self.models):
+                for n in self.params:
+                    getattr(m, n).copy_(self.params[n][i].cpu())
+
+    def state_dict(self) -> dict:
+        """Everything the next step depends on, on the CPU."""
+        return {"step": self.step, "params": {n: p.detach().cpu() for n, p in self.params.items()},
+                "opt": self.opt.state_dict(), "epoch_gen_states": list(self.epoch_gen_states),
+                "orders_drawn": bool(self.orders), "since_fired": self.since_fired.cpu(),
+                "losses": torch.stack(self.losses) if self.losses else torch.zeros(0, len(self.models)),
+                "clipped": self.clipped.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a state_dict of a trainer built with the same models' shapes and data."""
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(state["params"][n].to(self.device))
+        self.opt.load_state_dict(state["opt"])
+        for g, s in zip(self.gens, state["epoch_gen_states"]):
+            g.set_state(s)
+        self.epoch_gen_states = list(state["epoch_gen_states"])
+        self.orders = [torch.randperm(len(self.x), generator=g) for g in self.gens] \
+            if state["orders_drawn"] else []
+        self.since_fired = state["since_fired"].to(self.device)
+        self.losses = list(state["losses"])
+        self.clipped = state["clipped"].clone()
+        self.step = state["step"]
+
+
+def decay_schedule(lr: float, end: int, decay_steps: float) -> Callable[[int], float]:
+    """The learning rate at each step: lr, then falling linearly to 0 over the decay_steps
+    before step ``end`` (the last step trains at lr / decay_steps)."""
+    return lambda step: lr * min(1.0, (end - step) / max(decay_steps, 1e-9))
+
+
 def train_saes(models: Sequence[nn.Module], x: torch.Tensor | np.ndarray, seeds: Sequence[int],
                n_tokens: int, batch_size: int = 1024, lr: float = 5e-4,
                snapshots: Sequence[int] | None = None, shift: torch.Tensor | None = None,
                clip_grad: float | None = 1.0, dead_penalty: float = 0.0, aux_k: int = 0,
                aux_dead_tokens: int = 100_000, lr_decay: float = 0.0, device: str = "auto",
                progress: bool = True) -> dict:
-    """Train several runs of one configuration together, one batched computation over seeds.
+    """Train several runs of one configuration together for a fixed budget (``SAETrainer``).
 
-    Each run keeps its own initialization (its model) and its own data order (a permutation of x
-    per epoch, drawn from its seed); batch b of run s is x[perm_s[...]] - shift. Every step clips
-    each run's gradient to global norm ``clip_grad`` as the reference library's ``train_sae``
-    does (None: no clipping), then takes an Adam step; Adam on the stacked parameters equals
-    per-run Adam. Training stops with a FloatingPointError at the first non-finite loss.
-    ``dead_penalty`` is the authors' dead-latent term; ``aux_k`` > 0 adds Gao et al.'s AuxK loss
-    over the latents that fired on none of the last ``aux_dead_tokens`` tokens (see sae_grads).
-    ``lr_decay`` is the final fraction of the steps over which the learning rate falls linearly
-    to 0 (0: constant, as in the reference).
-
-    Returns ``steps`` and ``tokens`` of the snapshots, ``dictionaries`` (n_snapshots x n_seeds x
-    n_latents x d_in, CPU float32), ``loss`` (n_steps x n_seeds, the MSE) and ``clipped`` (the
-    share of steps whose gradient was clipped, per run). The trained parameters are written back
-    into ``models``.
+    ``lr_decay`` is the final share of the steps over which the learning rate falls linearly to
+    0 (0: constant, as in the reference). Returns ``steps`` and ``tokens`` of the snapshots,
+    ``dictionaries`` (n_snapshots x n_seeds x n_latents x d_in, CPU float32), ``loss`` (n_steps x
+    n_seeds, the MSE) and ``clipped`` (the share of steps whose gradient was clipped, per run).
+    The trained parameters are written back into ``models``.
     """
-    arch = _check_models(models)
-    check_seeds(seeds)
-    if len(seeds) != len(models):
-        raise ValueError(f"seeds has {len(seeds)} entries for {len(models)} models")
     if n_tokens < batch_size or batch_size < 1:
         raise ValueError(f"n_tokens={n_tokens} must be >= batch_size={batch_size} >= 1")
-    if len(x) < batch_size:
-        raise ValueError(f"the training set holds {len(x)} tokens, fewer than batch_size={batch_size}")
-    if x.shape[1] != models[0].W_enc.shape[1]:
-        raise ValueError(f"x has d_in={x.shape[1]}, the models expect {models[0].W_enc.shape[1]}")
-    if clip_grad is not None and not clip_grad >= 0:
-        raise ValueError(f"clip_grad={clip_grad} must be > 0, or 0 or None (no clipping)")
-    clip_grad = clip_grad or None
-    dev = resolve_device(device)
+    trainer = SAETrainer(models, x, seeds, batch_size, lr, shift, clip_grad, dead_penalty, aux_k,
+                         aux_dead_tokens, device, progress)
     n_steps = n_tokens // batch_size
     snap = sorted(set(snapshots if snapshots is not None else snapshot_steps(n_steps)))
     if snap and (snap[0] < 0 or snap[-1] > n_steps):
         raise ValueError(f"snapshots must lie in 0..{n_steps} (the number of steps)")
-    k = models[0].k
-    params = {n: _stack(models, n, dev) for n, _ in models[0].named_parameters()}
-    buffers = {n: _stack(models, n, dev) for n, _ in models[0].named_buffers()}
-    opt = torch.optim.Adam(list(params.values()), lr=lr, fused=dev.type in ("cpu", "cuda"))
-    decay_from = n_steps * (1 - lr_decay)
-    shift_dev = None if shift is None else torch.as_tensor(shift, dtype=torch.float32).to(dev)
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    per_epoch = len(x) // batch_size
-    orders: list[torch.Tensor] = []
-    ws: dict = {}  # buffers reused across steps
-    since_fired = torch.zeros(len(models), models[0].W_enc.shape[0], device=dev)  # tokens
-
-    def batch(step: int) -> torch.Tensor:
-        start = (step % per_epoch) * batch_size
-        if start == 0:  # a new epoch: every run draws its own permutation of x
-            orders[:] = [torch.randperm(len(x), generator=g) for g in gens]
-        xb = torch.stack([take_rows(x, o[start:start + batch_size].sort().values)
-                          for o in orders]).float().to(dev)
-        return xb if shift_dev is None else xb - shift_dev
-
-    dicts, losses = [], torch.zeros(n_steps, len(models))
-    clipped = torch.zeros(len(models))
-    for step in tqdm(range(n_steps + 1), desc=f"train {arch} x{len(models)}", disable=not progress):
-        if step in snap:
-            dicts.append(stacked_dictionary(arch, params, buffers).float().cpu().clone())
-        if step == n_steps:
-            break
-        xb = batch(step)
-        loss, grads, norms, fired = stacked_grads(
-            arch, params, buffers, xb, k, dead_penalty, clip_grad,
-            since_fired >= aux_dead_tokens if aux_k else None, aux_k, ws)
-        since_fired = torch.where(fired > 0, 0.0, since_fired + batch_size)
-        if not bool(torch.isfinite(loss).all()):
-            bad = [s for s, ok in zip(seeds, torch.isfinite(loss).tolist()) if not ok]
-            cause = "the training data holds NaN or infinite values" if not bool(
-                torch.isfinite(xb).all()) else "the training diverged"
-            raise FloatingPointError(f"non-finite loss at step {step} for seed(s) {bad}: {cause}; "
-                                     "nothing was saved")
-        if clip_grad is not None:
-            clipped += (norms > clip_grad).float().cpu()
-        for n, p in params.items():
-            p.grad = grads[n]
-        opt.param_groups[0]["lr"] = lr * min(1.0, (n_steps - step) / max(n_steps - decay_from, 1e-9))
-        opt.step()
-        with torch.no_grad():
-            if arch == "topk":
-                if models[0].decoder_norm == "unit":
-                    params["W_dec"].copy_(unit_rows(params["W_dec"]))
-            elif models[0].project:
-                project_archetypal_(params["W"], params["Lambda"], models[0].delta)
-        losses[step] = loss.detach().cpu()
-    with torch.no_grad():
-        for i, m in enumerate(models):
-            for n in params:
-                getattr(m, n).copy_(params[n][i].cpu())
+    lr_at = decay_schedule(lr, n_steps, n_steps - n_steps * (1 - lr_decay))
+    dicts = []
+    for s in snap:
+        trainer.advance(s, lr_at)
+        dicts.append(trainer.dictionaries())
+    trainer.advance(n_steps, lr_at)
+    trainer.write_back()
     return {"steps": snap, "tokens": [s * batch_size for s in snap],
-            "dictionaries": torch.stack(dicts) if dicts else torch.empty(0), "loss": losses,
-            "clipped": (clipped / max(n_steps, 1)).tolist()}
+            "dictionaries": torch.stack(dicts) if dicts else torch.empty(0),
+            "loss": torch.stack(trainer.losses),
+            "clipped": (trainer.clipped / max(n_steps, 1)).tolist()}

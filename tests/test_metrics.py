@@ -40,7 +40,7 @@ def test_zero_atoms_count_as_maximally_distant_without_nan():
     b = a.clone()
     b[7:] = 0.0  # three atoms that never left zero
     assert metrics.hungarian_cosine_distance(a, b) == pytest.approx(0.3, abs=1e-12)  # 3 of 10 at distance 1
-    m = stats.pair_matrices(torch.stack([a, b]))
+    m = metrics.pair_matrices(torch.stack([a, b]))
     assert all(np.isfinite(v[0, 1]) for v in m.values())
     assert m["matched_share"][0, 1] == pytest.approx(0.7)
 
@@ -67,5 +67,5 @@ def test_l0_dead_fraction_and_pairwise():
     codes[:, :3] = 1.0
     assert metrics.l0(codes) == 3.0
     assert metrics.dead_fraction(codes) == pytest.approx(5 / 8)
-    m = stats.pair_matrices(torch.stack([random_dict(10, 4, s) for s in range(5)]))
+    m = metrics.pair_matrices(torch.stack([random_dict(10, 4, s) for s in range(5)]))
     assert np.isnan(np.diag(m["mean_min"])).all() and (m["mean_min"][~np.eye(5, dtype=bool)] > 0).all()

@@ -45,7 +45,7 @@ def test_cuda_without_a_gpu_names_the_parameter():
     ({"k": "4O"}, "k='4O' must be an integer >= 1"), ({"sae_lr": 0}, "sae_lr=0 must be a number > 0"),
     ({"device": "gpu"}, "device='gpu'"), ({"seeds": [0, 0]}, "seeds=.0, 0. must be"),
     ({"configurations": ["topk-randm"]}, "configurations=.*distinct names"),
-    ({"lr_decay": 1.5}, r"lr_decay=1.5 must be a number in \[0, 1\]"),
+    ({"lr_decay": 1.0}, r"lr_decay=1.0 must be a number in \[0, 1\)"),
     ({"drop_first": "yes"}, "drop_first='yes' must be true or false")])
 def test_check_parameters_names_the_parameter_and_the_rule(params, match):
     with pytest.raises(ValueError, match=match):
@@ -121,7 +121,7 @@ def test_plain_papermill_with_a_profile_writes_under_its_own_run_folder(profile)
 
 
 def test_switching_profile_is_one_line_and_explicit_values_win():
-    cell = {n: None for n in ("profile", "k", "n_latents", "sae_tokens", "run_dir", "figures_dir")}
+    cell = {n: None for n in ("profile", "k", "n_latents", "max_sae_tokens", "run_dir", "figures_dir")}
     smoke = parameters.resolve_parameters({**cell, "profile": "smoke"})
     assert (smoke["k"], smoke["n_latents"], smoke["run_dir"]) == (4, 32, "runs/smoke")
     assert smoke["figures_dir"] == "runs/smoke/figures"

@@ -6,18 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from ablation import metrics, stats
+from ablation import bootstrap, metrics, stats
 from conftest import random_dict, pair_matrix
 
 
 def test_pair_matrices_agree_with_the_single_pair_metrics():
     dicts = torch.stack([random_dict(20, 6, s) for s in range(3)])
-    m = stats.pair_matrices(dicts)
+    m = metrics.pair_matrices(dicts)
     assert np.isnan(m["hungarian"][0, 0]) and m["hungarian"][0, 1] == m["hungarian"][1, 0]
     assert m["mean_min"][0, 2] == pytest.approx(metrics.mean_min_cosine_distance(dicts[0], dicts[2]))
     assert m["hungarian"][1, 2] == pytest.approx(metrics.hungarian_cosine_distance(dicts[1], dicts[2]))
     assert m["matched_share"][0, 1] == pytest.approx(metrics.matched_share(dicts[0], dicts[1]))
-    same = stats.pair_matrices(torch.stack([dicts[0]] * 3))
+    same = metrics.pair_matrices(torch.stack([dicts[0]] * 3))
     assert np.nanmax(np.abs(same["hungarian"])) < 1e-12  # identical runs: distance 0
 
 
@@ -26,12 +26,12 @@ def test_bootstrap_over_runs_brackets_the_mean_and_detects_a_difference():
     m = rng.normal(0.5, 0.01, (6, 6))
     m = (m + m.T) / 2
     np.fill_diagonal(m, np.nan)
-    mean, lo, hi = stats.bootstrap_runs(m, 500, 0)
+    mean, lo, hi = bootstrap.bootstrap_runs(m, 500, 0)
     assert lo <= mean <= hi and hi - lo < 0.05
     assert mean == pytest.approx(np.nanmean(m))
-    diff, lo, hi = stats.bootstrap_runs(m, 500, 0, other=m + 0.2)
+    diff, lo, hi = bootstrap.bootstrap_runs(m, 500, 0, other=m + 0.2)
     assert diff == pytest.approx(-0.2) and hi < 0
-    v = stats.bootstrap_mean([1.0, 2.0, 3.0], 500, 0)
+    v = bootstrap.bootstrap_mean([1.0, 2.0, 3.0], 500, 0)
     assert v[0] == 2.0 and 1.0 <= v[1] < 2.0 < v[2] <= 3.0
 
 
@@ -41,9 +41,3 @@ def test_stability_table_tells_shared_starts_from_stabilizing_ones():
     tab = stats.stability_table({("a", "raw"): {"hungarian": shared}, ("b", "raw"): {"hungarian": falls}}, 200, 0)
     assert tab["a", "raw"]["shared_start"] and not tab["a", "raw"]["stabilizes"]
     assert tab["b", "raw"]["stabilizes"] and tab["b", "raw"]["end_minus_step0"] == pytest.approx(-0.4)
-
-
-def test_even_subset_keeps_the_ends():
-    assert stats.even_subset(5, 0) == [0, 1, 2, 3, 4] and stats.even_subset(5, 9) == [0, 1, 2, 3, 4]
-    sub = stats.even_subset(22, 6)
-    assert sub[0] == 0 and sub[-1] == 21 and len(sub) == 6 and sub == sorted(set(sub))

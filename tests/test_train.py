@@ -253,3 +253,24 @@ def test_snapshot_schedule_is_log_dense_early_and_regular_later():
     assert steps[1:4] == [1, 2, 4]
     assert {125, 250, 500, 750} <= set(steps)
     assert len([s for s in steps if s < 100]) >= 6  # dense early
+
+
+@pytest.mark.parametrize("arch", ["topk", "ra"])
+def test_a_trainer_restored_from_its_state_continues_bit_for_bit(data, arch, tmp_path):
+    def trainer():
+        models = [starts.make_sae(arch, "random", data, 24, 4, seed=s) for s in (0, 1)]
+        return train.SAETrainer(models, data, [0, 1], 64, 3e-3, dead_penalty=1e-3, progress=False,
+                                device="cpu")
+    lr_at = train.decay_schedule(3e-3, 150, 40)
+    whole = trainer()
+    whole.advance(150, lr_at)  # 64 steps per epoch: the interruption falls mid-epoch
+    first = trainer()
+    first.advance(70, lr_at)
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    resumed = trainer()  # a fresh process would rebuild the same models, then load the state
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    resumed.advance(150, lr_at)
+    for n in whole.params:
+        assert torch.equal(whole.params[n], resumed.params[n]), n
+    assert torch.equal(torch.stack(whole.losses), torch.stack(resumed.losses))
+    assert torch.equal(whole.dictionaries(), resumed.dictionaries())
