@@ -14,7 +14,6 @@ COMMITTED := default smollm2 authors authors-smollm2
 ARTIFACTS_00_language_model := $(wildcard $(RUN_DIR)/model/*)
 ARTIFACTS_01_cache_activations := $(wildcard $(RUN_DIR)/acts_*)
 ARTIFACTS_02_train_saes := $(wildcard $(RUN_DIR)/saes/*)
-ARTIFACTS_04_initialization_ablation := $(wildcard $(RUN_DIR)/metrics/*)
 
 .PHONY: setup test test-fast report lab bench clean
 .DELETE_ON_ERROR:

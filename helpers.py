@@ -16,7 +16,9 @@ from pathlib import Path
 # every stage: the grid's vocabulary, parameters and their checks, files, figures
 from ablation.configs import BASELINE, CONFIGURATIONS  # noqa: F401
 from ablation.parameters import PARAMETERS, resolve_device, resolve_parameters  # noqa: F401
-from ablation.plots import STYLES, plot_trajectories, save_figure, set_style  # noqa: F401
+from ablation.plots import (  # noqa: F401
+    STYLES, plot_tests_over_training, plot_trajectories, save_figure, set_style,
+)
 from ablation.store import (  # noqa: F401
     cached_result, code_hash, lock_run_dir, read_meta, write_json_atomic,
 )
@@ -38,7 +40,8 @@ from ablation.activations import (  # noqa: F401
 from ablation.kernels import kernel_backend  # noqa: F401
 from ablation.sae import RelaxedArchetypalSAE, TopKSAE, dense_codes, unit_rows  # noqa: F401
 from ablation.starts import kmeans_centroids, make_sae  # noqa: F401
-from ablation.train import snapshot_steps, train_saes  # noqa: F401
+from ablation.train import train_saes  # noqa: F401
+from ablation.convergence import convergence_row  # noqa: F401
 from ablation.grid import (  # noqa: F401
     fvu_of_mse, load_cell, start_scale_effect, train_cell, training_set,
 )
@@ -49,12 +52,13 @@ from ablation.synthetic import galaxy_toy_data, synthetic_control  # noqa: F401
 
 # 04 · the ablation: distances over training, the quality gate, the tests, the verdict
 from ablation.stats import (  # noqa: F401
-    cell_endpoint, cell_trajectory, chance_levels, endpoint_summary, even_subset, stability_table,
+    cell_endpoint, cell_trajectory, chance_levels, endpoint_summary, stability_table,
     trajectory_curves,
 )
 from ablation.decisions import (  # noqa: F401
-    authors_pattern, authors_table, falsification_tests, flattening, geometry_free_tests,
-    ground_truth_summary, quality_gate, stabilization_tests, verdict,
+    authors_pattern, authors_table, falsification_tests, geometry_free_tests,
+    ground_truth_summary, quality_gate, sign_settled, stabilization_tests, tests_over_training,
+    verdict,
 )
 from ablation.labels import AUTHORS_CONDITIONS, AUTHORS_RULES  # noqa: F401
 

@@ -11,7 +11,7 @@ from .labels import (
     AGREES_LESS, AGREES_MORE, AUTHORS_CONDITIONS, AUTHORS_RULES, AUTHORS_TABLE3, CLOSER, FURTHER,
     NO_DIFFERENCE, SHARED_START, UNCONSTRAINED_SHARED,
 )
-from .stats import bootstrap_runs
+from .bootstrap import bootstrap_runs
 
 
 # Outcome labels: the notebooks print them and the README generator reads them from the JSON.
@@ -33,31 +33,18 @@ def compare_runs(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0
     return {"difference": diff, "lo": lo, "hi": hi, "outcome": outcome}
 
 
-def flattening(m: np.ndarray, tokens: Sequence[int], window: float = 0.2,
-               tolerance: float = 0.01, n_boot: int = 2000, seed: int = 0) -> dict:
-    """Has a trajectory (snapshots x runs x runs) stopped moving? The change of the inter-run
-    distance over the last ``window`` of the tokens, with a 95% bootstrap interval over runs; flat
-    when the whole interval lies within +-tolerance."""
-    tokens = np.asarray(tokens, dtype=float)
-    j = int(np.argmin(np.abs(tokens[:-1] - (1 - window) * tokens[-1]))) if len(tokens) > 1 else 0
-    change, lo, hi = bootstrap_runs(m[-1] - m[j], n_boot, seed)
-    return {"change": change, "lo": lo, "hi": hi, "from_tokens": int(tokens[j]),
-            "flat": bool(-tolerance <= lo and hi <= tolerance)}
-
-
-def quality_gate(fvu_value: float, flatness: dict, max_fvu: float, tolerance: float) -> list[str]:
+def quality_gate(fvu_value: float, record: dict, max_fvu: float) -> list[str]:
     """Why a cell cannot support a verdict (empty when it can): it must reconstruct held-out
-    activations with FVU <= max_fvu, and its trajectory must have flattened (``flattening``)."""
+    activations with FVU <= max_fvu, and it must have converged at the full learning rate
+    (``record``: its convergence record, ``convergence.convergence`` plus the tokens trained)."""
     reasons = []
     if not fvu_value <= max_fvu:
         reasons.append(f"held-out FVU {fvu_value:.2f} > {max_fvu:g}"
                        + (" (worse than predicting the mean)" if fvu_value > 1 else ""))
-    if not flatness["flat"]:
-        change, lo, hi = flatness["change"], flatness["lo"], flatness["hi"]
-        reasons.append(f"trajectory still moving ({change:+.3f} over the last stretch of training)"
-                       if abs(change) > tolerance else
-                       f"trajectory not shown flat ({change:+.3f} over the last stretch of training, "
-                       f"but its 95% interval [{lo:+.3f}, {hi:+.3f}] reaches beyond +-{tolerance:g})")
+    if not record["converged"]:
+        reasons.append(f"not converged within the cap of {record['max_tokens']:,} tokens: slope "
+                       f"{record['slope']:+.3f} per doubling [{record['lo']:+.3f}, {record['hi']:+.3f}] "
+                       f"at {record['tokens']:,} tokens, beyond +-{record['tolerance']:g}")
     return reasons
 
 
@@ -105,6 +92,52 @@ def stabilization_tests(traj: dict, preprocessing: Sequence[str], excluded: dict
                          "baseline_change": float(np.nanmean(b[-1] - b[0])),
                          **res, "stabilization_advantage": res["hi"] < 0})
     return rows, skipped
+
+
+def tests_over_training(traj: dict, preprocessing: Sequence[str], n_boot: int = 2000,
+                        seed: int = 0) -> list[dict]:
+    """The falsification difference (distance) and the stabilization difference (distance minus
+    step 0), challenger minus baseline, Hungarian, over training: at every token count where both
+    cells have a snapshot at the full rate (stage 'full rate'); past the end of the cell that
+    converged first, that cell held at its last full-rate snapshot against the other's later
+    ones (stage 'held'); then at both cells' ends (stage 'end', at the later end)."""
+    rows = []
+    for c in CHALLENGERS:
+        for p in preprocessing:
+            if (c, p) not in traj or (BASELINE, p) not in traj:
+                continue
+            a, b = traj[c, p], traj[BASELINE, p]
+            full = [{int(t): i for i, (t, lr) in enumerate(zip(x["tokens"], x["lr"])) if lr == max(x["lr"])}
+                    for x in (a, b)]
+            points = []
+            for t in sorted(set(full[0]) | set(full[1])):
+                ij = [f.get(t, f[max(f)] if t > max(f) else None) for f in full]
+                if None not in ij:
+                    points.append((t, *ij, "full rate" if all(t in f for f in full) else "held"))
+            points.append((int(max(a["tokens"][-1], b["tokens"][-1])), -1, -1, "end"))
+            ha, hb = a["hungarian"], b["hungarian"]
+            for t, i, j, stage in points:
+                for test, (x, y) in (("falsification", (ha[i], hb[j])),
+                                     ("stabilization", (ha[i] - ha[0], hb[j] - hb[0]))):
+                    rows.append({"challenger": c, "preprocessing": p, "tokens": t, "stage": stage,
+                                 "test": test, **compare_runs(x, y, n_boot, seed)})
+    return rows
+
+
+def sign_settled(over) -> list[dict]:
+    """Per test, challenger and preprocessing of ``tests_over_training`` (a DataFrame): the sign
+    at the end (below 0, above 0, or undecided: the interval holds 0) and the smallest token count
+    from which every later point, the end included, has that sign (None: only the end has it)."""
+    out = []
+    for (test, c, p), g in over.groupby(["test", "challenger", "preprocessing"], sort=False):
+        g = g.assign(last=g.stage == "end").sort_values(["last", "tokens"])
+        signs = np.where(g.hi < 0, "below 0", np.where(g.lo > 0, "above 0", "undecided"))
+        same = signs == signs[-1]
+        first = len(same) - int(np.argmin(same[::-1])) if not same.all() else 0
+        settled = int(g.tokens.iloc[first]) if first < len(g) - 1 else None
+        out.append({"test": test, "challenger": c, "preprocessing": p, "sign": str(signs[-1]),
+                    "settled_from": settled, "end_difference": float(g.difference.iloc[-1])})
+    return out
 
 
 def geometry_free_tests(mats: dict, preprocessing: Sequence[str], excluded: dict,

@@ -39,7 +39,8 @@ def save_figure(fig, name: str, figures_dir: str | os.PathLike) -> Path:
 
 def plot_trajectories(curves, chance: dict, metric: str, preprocessing: Sequence[str],
                       configurations: Sequence[str], flagged: Iterable[tuple[str, str]] = ()):
-    """Figure 1: inter-run distance against tokens seen, one panel per preprocessing."""
+    """Figure 1: inter-run distance against tokens seen, one panel per preprocessing, each cell's
+    line to its own end, with a tick where it was judged converged (its last full-rate snapshot)."""
     import matplotlib.pyplot as plt
 
     label = {"mean_min": "symmetric mean-min cosine distance",
@@ -60,12 +61,54 @@ def plot_trajectories(curves, chance: dict, metric: str, preprocessing: Sequence
             ax.fill_between(c.tokens, c.lo, c.hi, color=color, alpha=0.25, lw=0, zorder=2)
             ax.plot(c.tokens, c["mean"], color=color, ls=ls, marker=marker, ms=4, lw=1.8, zorder=3,
                     label=name, mfc="white" if (name, prep) in flagged else color)
+            judged = c[c.lr == c.lr.max()].tail(1)  # converged (or capped): the final decay begins
+            ax.plot(judged.tokens, judged["mean"], color=color, marker="|", ms=16, mew=2, ls="", zorder=4)
         ax.set_xscale("symlog", linthresh=max(1, int(curves.tokens[curves.tokens > 0].min())))
         ax.set_xlim(left=0)
         ax.set(title=f"{prep} activations", xlabel="tokens seen", ylabel=label + "\n(lower: runs agree more)")
     handles, labels = axes[0][-1].get_legend_handles_labels()
+    handles.append(plt.Line2D([], [], color="0.3", marker="|", ms=12, mew=2, ls=""))
+    labels.append("|: converged at the full rate; the final decay follows")
     if flagged:
         handles.append(plt.Line2D([], [], color="0.3", marker="o", mfc="white", ls=""))
         labels.append("hollow markers: flagged by the quality gate")
     axes[0][-1].legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return fig
+
+
+def plot_tests_over_training(rows, preprocessing: Sequence[str]):
+    """The verdict over training: falsification and stabilization differences (challenger minus
+    baseline, Hungarian) against tokens seen, 95% bands; dotted past the end of the cell that
+    converged first (held at its convergence); the end of both cells at the right."""
+    import matplotlib.pyplot as plt
+
+    from matplotlib.ticker import NullFormatter
+
+    tests = {"falsification": "distance", "stabilization": "change since step 0"}
+    fig, axes = plt.subplots(2, len(preprocessing), figsize=(6.5 * len(preprocessing), 8.4),
+                             sharex=True, squeeze=False)
+    for row_ax, (test, what) in zip(axes, tests.items()):
+        for ax, prep in zip(row_ax, preprocessing):
+            ax.axhline(0, color="0.3", lw=1)
+            sub = rows[(rows.test == test) & (rows.preprocessing == prep)]
+            for name in sub.challenger.unique():
+                c = sub[sub.challenger == name]
+                color, ls, marker = STYLES[name]
+                run, held, end = (c[c.stage == st] for st in ("full rate", "held", "end"))
+                ax.fill_between(run.tokens, run.lo, run.hi, color=color, alpha=0.25, lw=0)
+                ax.plot(run.tokens, run.difference, color=color, ls="-", lw=1.8, label=name)
+                if len(held):
+                    held = c[c.stage != "end"].iloc[len(run) - 1:]  # continue from the last shared point
+                    ax.fill_between(held.tokens, held.lo, held.hi, color=color, alpha=0.12, lw=0)
+                    ax.plot(held.tokens, held.difference, color=color, ls=":", lw=1.8,
+                            label=f"{name}, the cell that converged first held there")
+                ax.errorbar(end.tokens, end.difference, yerr=[end.difference - end.lo, end.hi - end.difference],
+                            color=color, marker=marker, ms=7, capsize=3, ls="", label=f"{name}: end (after the decay)")
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set(title=f"{test}, {prep} activations",
+                   ylabel=f"{what}: challenger minus topk-random\n(below 0: archetypal closer)")
+            if test == "stabilization":
+                ax.set_xlabel("tokens seen")
+    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return fig

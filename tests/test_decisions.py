@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from ablation import decisions, labels
@@ -21,28 +22,43 @@ def test_comparison_outcomes_on_known_cases():
     assert res["difference"] == pytest.approx(-0.5) and res["lo"] <= res["difference"] <= res["hi"]
 
 
-def test_flattening_tells_a_settled_trajectory_from_a_moving_one():
-    base = pair_matrix(np.array([0.20, 0.21, 0.19, 0.20]))
-    tokens = [0, 250, 500, 750, 800, 900, 1000]
-    settled = np.stack([base + 0.3, base + 0.1, base, base, base, base + 0.001, base])
-    moving = np.stack([base + 0.3 - 0.05 * i for i in range(7)])
-    a = decisions.flattening(settled, tokens, 0.2, 0.01, 500, 0)
-    b = decisions.flattening(moving, tokens, 0.2, 0.01, 500, 0)
-    assert a["flat"] and a["from_tokens"] == 800 and abs(a["change"]) < 1e-12
-    assert not b["flat"] and b["change"] == pytest.approx(-0.1)
+def record(converged: bool, slope: float, lo: float, hi: float) -> dict:
+    """A convergence record as notebook 02 writes it."""
+    return {"converged": converged, "slope": slope, "lo": lo, "hi": hi, "tolerance": 0.02,
+            "tokens": 8_000_000, "max_tokens": 8_000_000}
 
 
-def test_quality_gate_flags_what_did_not_learn_or_settle():
-    flat = {"flat": True, "change": -0.001, "lo": -0.004, "hi": 0.002}
-    assert decisions.quality_gate(0.12, flat, 0.4, 0.02) == []
-    assert decisions.quality_gate(1.3, flat, 0.4, 0.02) == ["held-out FVU 1.30 > 0.4 (worse than predicting the mean)"]
-    moving = {"flat": False, "change": -0.05, "lo": -0.07, "hi": -0.03}
-    assert decisions.quality_gate(0.5, moving, 0.4, 0.02)[1].startswith("trajectory still moving (-0.050")
-    noisy = {"flat": False, "change": 0.001, "lo": -0.022, "hi": 0.029}  # no drift, too wide to call flat
-    assert decisions.quality_gate(0.2, noisy, 0.4, 0.02) == [
-        "trajectory not shown flat (+0.001 over the last stretch of training, but its 95% interval "
-        "[-0.022, +0.029] reaches beyond +-0.02)"]
-    assert len(decisions.quality_gate(float("nan"), flat, 0.4, 0.02)) == 1  # a NaN FVU never passes
+def test_quality_gate_flags_what_did_not_learn_or_converge():
+    done = record(True, -0.004, -0.011, 0.002)
+    assert decisions.quality_gate(0.12, done, 0.4) == []
+    assert decisions.quality_gate(1.3, done, 0.4) == ["held-out FVU 1.30 > 0.4 (worse than predicting the mean)"]
+    moving = record(False, -0.05, -0.07, -0.03)
+    assert decisions.quality_gate(0.5, moving, 0.4)[1] == (
+        "not converged within the cap of 8,000,000 tokens: slope -0.050 per doubling [-0.070, -0.030] "
+        "at 8,000,000 tokens, beyond +-0.02")
+    assert len(decisions.quality_gate(float("nan"), done, 0.4)) == 1  # a NaN FVU never passes
+
+
+def test_the_verdict_over_training_and_where_each_sign_settles():
+    tokens = np.array([0, 1000, 2000, 4000, 8000])
+    level = lambda values: np.stack([pair_matrix(np.full(4, v / 2)) for v in values])  # noqa: E731
+    traj = {("topk-random", "raw"): {"tokens": tokens, "lr": np.array([1, 1, 1, 1, 0.5]),
+                                      "hungarian": level([0.6, 0.5, 0.45, 0.42, 0.41])},
+            # starts far, crosses below the baseline after 2000 tokens; converged earlier (shorter)
+            ("ra-random-points", "raw"): {"tokens": tokens[:4], "lr": np.array([1, 1, 1, 0.5]),
+                                          "hungarian": level([0.7, 0.6, 0.40, 0.38])}}
+    over = pd.DataFrame(decisions.tests_over_training(traj, ["raw"], 200, 0))
+    fals = over[over.test == "falsification"]
+    assert list(fals.tokens) == [0, 1000, 2000, 4000, 8000]
+    assert list(fals.stage) == ["full rate"] * 3 + ["held", "end"]
+    # at 4000 the challenger, converged at 2000, is held there against the baseline's 4000
+    assert fals.difference.tolist() == pytest.approx([0.1, 0.1, -0.05, 0.40 - 0.42, 0.38 - 0.41])
+    stab = over[over.test == "stabilization"]
+    assert stab.difference.iloc[-1] == pytest.approx((0.38 - 0.7) - (0.41 - 0.6))
+    settled = {(s["test"], s["challenger"]): s for s in decisions.sign_settled(over)}
+    f = settled["falsification", "ra-random-points"]
+    assert f["sign"] == "below 0" and f["settled_from"] == 2000
+    assert f["end_difference"] == pytest.approx(-0.03)
 
 
 def test_tests_skip_excluded_cells_and_the_verdict_follows_them():

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import run, tracked_copy
 
-from ablation import activations, configs, grid, labels, lm, store
+from ablation import activations, configs, grid, labels, lm, parameters, store
 import report
 
 pytestmark = pytest.mark.slow
@@ -165,7 +165,7 @@ def test_04_science_invariants_hold_on_the_outputs(smoke):
             assert s["step0"] > 1e-3 and not s["shared_start"], key
     for key, row in res["endpoint"].items():
         assert all(np.isfinite(x) for v in row.values() for x in v.values()), key
-        assert res["quality_gate"][key] == [] and isinstance(res["flattening"][key]["flat"], bool)
+        assert res["quality_gate"][key] == [] and res["convergence"][key]["converged"], key
     assert len(res["falsification"]) == 8 and len(res["geometry_free"]) == 4
     assert len(res["stabilization_advantage"]) == 8 and res["tests_skipped"] == []
     assert {r["outcome"] for r in res["falsification"]} <= {labels.CLOSER, labels.FURTHER, labels.NO_DIFFERENCE}
@@ -175,8 +175,16 @@ def test_04_science_invariants_hold_on_the_outputs(smoke):
     assert len(res["authors_table"]) == 4 and set(res["authors_pattern"]) == {
         "raw_shared_far_closer", "centering_pulls_ra_apart", "unconstrained_stay_close"}
     assert {"recovered", "hungarian_between_runs"} == set(res["synthetic"]["topk-random"])
-    for name in ("fig1_mean_min", "fig1_hungarian"):
+    for key, rec in res["convergence"].items():  # every cell: judged at the full rate, then decayed
+        assert rec["lr"] == parameters.default("sae_lr"), key
+        assert rec["tokens_trained"] == rec["full_rate_tokens"] + rec["decay_tokens"] > rec["full_rate_tokens"]
+        assert np.isfinite(rec["slope"]) and rec["lo"] <= rec["slope"] <= rec["hi"], key
+    over = res["tests_over_training"]
+    assert {r["test"] for r in over} == {"falsification", "stabilization"}
+    assert len([r for r in over if r["stage"] == "end"]) == 8 and len(res["sign_settled"]) == 8
+    for name in ("fig1_mean_min", "fig1_hungarian", "fig3_verdict_over_training"):
         assert (smoke / "figures" / f"{name}.png").is_file()
+    assert not list((smoke / "saes").glob("*.ckpt"))  # checkpoints go once the cells are saved
 
 
 def test_quality_gate_flags_an_untrained_cell_and_keeps_it_out_of_the_tests(run_copy):
@@ -286,7 +294,8 @@ def test_the_authors_protocol_runs_on_the_smoke_model(run_copy):
     protocol = {k: authors[k] for k in ("configurations", "match_start_scale", "center_encoder",
                                         "pre_bias", "lr_decay", "dead_penalty", "clip_grad", "delta")}
     trained = run_stage("02_train_saes", run_copy, **protocol, n_latents=32, n_candidates=16, k=2,
-                     train_tokens=1000, n_fit_tokens=1000, sae_tokens=12800)
+                     train_tokens=1000, n_fit_tokens=1000, min_sae_tokens=12800,
+                     max_sae_tokens=12800)
     assert trained["n_training_tokens"] == 1000 and len(trained["cells"]) == 8
     cell = grid.load_cell(run_copy, "ra-kmeans-shared", "raw")
     assert (cell["dictionaries"][0, :, 16:] == 0).all()  # W = eye(32, 16): atoms 17-32 at zero
