@@ -15,6 +15,7 @@ from pathlib import Path
 
 # every stage: the grid's vocabulary, parameters and their checks, files, figures
 from ablation.configs import BASELINE, CONFIGURATIONS  # noqa: F401
+from ablation.memory import trim_heap_every
 from ablation.parameters import PARAMETERS, resolve_device, resolve_parameters  # noqa: F401
 from ablation.plots import (  # noqa: F401
     STYLES, plot_tests_over_training, plot_trajectories, save_figure, set_style,
@@ -66,7 +67,9 @@ from ablation.labels import AUTHORS_CONDITIONS, AUTHORS_RULES  # noqa: F401
 def use_profile(namespace: dict) -> dict:
     """This notebook's parameters, each left at None filled from its profile (else its default)
     and all checked before any work: ``globals().update(h.use_profile(globals()))``. The notebook
-    then works from the repository root, as report.py runs it, wherever JupyterLab started it."""
+    then works from the repository root, as report.py runs it, wherever JupyterLab started it,
+    and gives freed heap memory back to the system as it runs."""
     params = resolve_parameters({n: v for n, v in namespace.items() if n in PARAMETERS})
     os.chdir(Path(__file__).resolve().parent)
+    trim_heap_every()  # long training otherwise grows the heap without bound (ablation/memory.py)
     return params

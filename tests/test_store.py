@@ -98,3 +98,11 @@ def test_a_second_run_on_one_folder_is_refused_naming_the_lock(tmp_path):
     assert other.returncode != 0 and ".lock is locked by pid" in other.stderr
     held.close()
     store.lock_run_dir(tmp_path).close()  # free again once the holder is gone
+
+
+def test_the_heap_trimmer_starts_once_and_runs():
+    from ablation import memory
+
+    assert memory.trim_heap_every(0.05) is True  # glibc, as on every machine of this project
+    assert memory.trim_heap_every(0.05) is True and len(memory._STARTED) == 1
+    assert memory._STARTED[0].is_alive() and memory._STARTED[0].daemon
