@@ -129,6 +129,8 @@ def sign_settled(over) -> list[dict]:
     at the end (below 0, above 0, or undecided: the interval holds 0) and the smallest token count
     from which every later point, the end included, has that sign (None: only the end has it)."""
     out = []
+    if over.empty:  # no challenger beside the baseline
+        return out
     for (test, c, p), g in over.groupby(["test", "challenger", "preprocessing"], sort=False):
         g = g.assign(last=g.stage == "end").sort_values(["last", "tokens"])
         signs = np.where(g.hi < 0, "below 0", np.where(g.lo > 0, "above 0", "undecided"))

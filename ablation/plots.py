@@ -90,6 +90,10 @@ def plot_tests_over_training(rows, preprocessing: Sequence[str]):
     for row_ax, (test, what) in zip(axes, tests.items()):
         for ax, prep in zip(row_ax, preprocessing):
             ax.axhline(0, color="0.3", lw=1)
+            if rows.empty:
+                ax.text(0.5, 0.5, "no archetypal configuration with independent starts\nbeside "
+                        "topk-random in this grid", ha="center", va="center", transform=ax.transAxes)
+                continue
             sub = rows[(rows.test == test) & (rows.preprocessing == prep)]
             for name in sub.challenger.unique():
                 c = sub[sub.challenger == name]
@@ -110,5 +114,6 @@ def plot_tests_over_training(rows, preprocessing: Sequence[str]):
                    ylabel=f"{what}: challenger minus topk-random\n(below 0: archetypal closer)")
             if test == "stabilization":
                 ax.set_xlabel("tokens seen")
-    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    if not rows.empty:
+        axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return fig

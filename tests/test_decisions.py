@@ -104,3 +104,8 @@ def test_ground_truth_summary_reads_its_numbers_either_way():
                 "b": {"recovered": 0.2, "hungarian_between_runs": 0.01}}
     assert "Stability is not correctness: the most stable configuration recovers 20%" in \
         decisions.ground_truth_summary(disagree)
+
+
+def test_the_verdict_over_training_without_a_challenger_is_empty():
+    over = pd.DataFrame(decisions.tests_over_training({}, ["raw"], 100, 0))
+    assert over.empty and decisions.sign_settled(over) == []
