@@ -40,6 +40,12 @@ def decay_steps(full_steps: int, lr_decay: float) -> int:
     return int(round(full_steps * lr_decay / (1 - lr_decay)))
 
 
+def at_full_rate(lrs: Sequence[float]) -> np.ndarray:
+    """Which snapshots were taken at the full learning rate (the largest of a cell's rates)."""
+    lrs = np.asarray(lrs, dtype=float)
+    return lrs == lrs.max()
+
+
 def slope_per_doubling(m: np.ndarray, tokens: Sequence[int]) -> np.ndarray:
     """Least-squares slope of each run pair's distance against log2(tokens): a pair matrix
     (NaN diagonal) from a trajectory of run-by-run matrices (snapshots x runs x runs)."""
@@ -56,12 +62,11 @@ def convergence(m: np.ndarray, tokens: Sequence[int], lrs: Sequence[float], tole
     them, T tokens, the slope per doubling of tokens is fitted over the last doubling (tokens in
     [T/2, T]). Converged when its 95% interval over runs lies within +-tolerance; with fewer than
     min_points snapshots in that window it is not judged (False)."""
-    lrs = np.asarray(lrs, dtype=float)
-    full = lrs == lrs.max()
+    full = at_full_rate(lrs)
     m, tokens = np.asarray(m)[full], np.asarray(tokens, dtype=float)[full]
     end = tokens[-1]
     window = tokens >= end / 2
-    record = {"tokens": int(end), "from_tokens": int(tokens[window][0]), "lr": float(lrs.max()),
+    record = {"tokens": int(end), "from_tokens": int(tokens[window][0]), "lr": float(max(lrs)),
               "n_snapshots": int(window.sum()), "tolerance": tolerance}
     if window.sum() < min_points or end <= 0:
         return {**record, "slope": float("nan"), "lo": float("nan"), "hi": float("nan"),

@@ -7,6 +7,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .configs import BASELINE, CHALLENGERS, PREPROCESSING
+from .convergence import at_full_rate
 from .labels import (
     AGREES_LESS, AGREES_MORE, AUTHORS_CONDITIONS, AUTHORS_RULES, AUTHORS_TABLE3, CLOSER, FURTHER,
     NO_DIFFERENCE, SHARED_START, UNCONSTRAINED_SHARED,
@@ -107,7 +108,7 @@ def tests_over_training(traj: dict, preprocessing: Sequence[str], n_boot: int = 
             if (c, p) not in traj or (BASELINE, p) not in traj:
                 continue
             a, b = traj[c, p], traj[BASELINE, p]
-            full = [{int(t): i for i, (t, lr) in enumerate(zip(x["tokens"], x["lr"])) if lr == max(x["lr"])}
+            full = [{int(x["tokens"][i]): i for i in np.flatnonzero(at_full_rate(x["lr"]))}
                     for x in (a, b)]
             points = []
             for t in sorted(set(full[0]) | set(full[1])):

@@ -194,10 +194,9 @@ def start_scale_effect(configurations: Sequence[str], preprocessing: Sequence[st
     build = {k_: train[k_] for k_ in ("n_latents", "k", "n_candidates", "delta", "pre_bias",
                                       "center_encoder", "kmeans_shared_seed")}
     fit = {k_: train[k_] for k_ in ("clip_grad", "dead_penalty", "aux_k", "aux_dead_tokens", "device")}
-    rows = []
+    rows, mu = [], sample.mean(0)
     for name in configurations:
         for prep in preprocessing:
-            mu = sample.mean(0)
             x = sample - mu if prep == "centered" else sample
             row = {"configuration": name, "preprocessing": prep}
             for match in (False, True):

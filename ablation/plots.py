@@ -1,10 +1,12 @@
-"""The report's one figure style, its colours per configuration, and Figure 1."""
+"""The report's one figure style, its colours per configuration, Figure 1 and Figure 3."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from .convergence import at_full_rate
 
 
 # one colour, line style and marker per configuration, told apart in print and by colour-blind readers
@@ -61,7 +63,7 @@ def plot_trajectories(curves, chance: dict, metric: str, preprocessing: Sequence
             ax.fill_between(c.tokens, c.lo, c.hi, color=color, alpha=0.25, lw=0, zorder=2)
             ax.plot(c.tokens, c["mean"], color=color, ls=ls, marker=marker, ms=4, lw=1.8, zorder=3,
                     label=name, mfc="white" if (name, prep) in flagged else color)
-            judged = c[c.lr == c.lr.max()].tail(1)  # converged (or capped): the final decay begins
+            judged = c[at_full_rate(c.lr)].tail(1)  # converged (or capped): the final decay begins
             ax.plot(judged.tokens, judged["mean"], color=color, marker="|", ms=16, mew=2, ls="", zorder=4)
         ax.set_xscale("symlog", linthresh=max(1, int(curves.tokens[curves.tokens > 0].min())))
         ax.set_xlim(left=0)

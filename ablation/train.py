@@ -216,7 +216,7 @@ class SAETrainer:
             raise ValueError(f"x has d_in={x.shape[1]}, the models expect {models[0].W_enc.shape[1]}")
         if clip_grad is not None and not clip_grad >= 0:
             raise ValueError(f"clip_grad={clip_grad} must be > 0, or 0 or None (no clipping)")
-        self.models, self.x, self.seeds, self.batch_size, self.lr = models, x, list(seeds), batch_size, lr
+        self.models, self.x, self.seeds, self.batch_size = models, x, list(seeds), batch_size
         self.clip_grad, self.dead_penalty, self.progress = clip_grad or None, dead_penalty, progress
         self.aux_k = aux_k if self.arch == "topk" else 0
         self.aux_dead_tokens = aux_dead_tokens
@@ -241,11 +241,15 @@ class SAETrainer:
         """Step's batch of every run; a new epoch first draws every run's permutation of x."""
         start = (step % self.per_epoch) * self.batch_size
         if start == 0:
-            self.epoch_gen_states = [g.get_state() for g in self.gens]
-            self.orders = [torch.randperm(len(self.x), generator=g) for g in self.gens]
+            self._draw_orders()
         xb = torch.stack([take_rows(self.x, o[start:start + self.batch_size].sort().values)
                           for o in self.orders]).float().to(self.device)
         return xb if self.shift is None else xb - self.shift
+
+    def _draw_orders(self) -> None:
+        """Every run's permutation of x for a new epoch, from its generator's current state."""
+        self.epoch_gen_states = [g.get_state() for g in self.gens]
+        self.orders = [torch.randperm(len(self.x), generator=g) for g in self.gens]
 
     def dictionaries(self) -> torch.Tensor:
         """Every run's current atoms (n_seeds x n_latents x d_in), CPU float32."""
@@ -309,9 +313,9 @@ class SAETrainer:
         self.opt.load_state_dict(state["opt"])
         for g, s in zip(self.gens, state["epoch_gen_states"]):
             g.set_state(s)
-        self.epoch_gen_states = list(state["epoch_gen_states"])
-        self.orders = [torch.randperm(len(self.x), generator=g) for g in self.gens] \
-            if state["orders_drawn"] else []
+        self.epoch_gen_states, self.orders = list(state["epoch_gen_states"]), []
+        if state["orders_drawn"]:
+            self._draw_orders()  # the current epoch's permutations, drawn again from their states
         self.since_fired = state["since_fired"].to(self.device)
         self.losses = list(state["losses"])
         self.clipped = state["clipped"].clone()

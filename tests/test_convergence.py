@@ -95,3 +95,7 @@ def test_the_final_decay_is_the_last_share_of_all_steps():
     assert convergence.decay_steps(800, 0.0) == 0
     with pytest.raises(ValueError, match="lr_decay=1"):
         convergence.decay_steps(800, 1.0)
+
+
+def test_the_full_rate_is_a_cells_largest_rate():
+    assert convergence.at_full_rate([5e-3, 5e-3, 2e-3, 0.0]).tolist() == [True, True, False, False]
