@@ -77,6 +77,15 @@ def _tokens(n: float) -> str:
     return f"{n / 1e6:.1f} M"
 
 
+def _settled(tokens: int | None) -> str:
+    """From which token count a sign held to the end: 'from step 0 on', 'from 2,048 tokens on'."""
+    if tokens is None:
+        return "only at the end"
+    if tokens == 0:
+        return "from step 0 on"
+    return f"from {tokens:,} tokens on" if tokens < 100_000 else f"from {_tokens(tokens)} tokens on"
+
+
 def convergence_sentence(abl: dict) -> str:
     """How many cells converged, the tolerance, and the budgets they needed."""
     rec = abl["convergence"]
@@ -136,8 +145,7 @@ def results_markdown(profile: str) -> str:
               "the snapshots at the full rate where both cells have one, to both cells' ends):", ""]
     lines += [f"- {s['test']}, `{s['challenger']}`, {s['preprocessing']}: {s['sign']} at the end "
               f"({s['end_difference']:+.3f}), "
-              + (f"from {_tokens(s['settled_from'])} tokens on" if s["settled_from"] is not None
-                 else "only at the end") for s in abl["sign_settled"]]
+              + _settled(s["settled_from"]) for s in abl["sign_settled"]]
     lines += ["", f"**Verdict:** {abl['verdict']} Galaxy effect on these activations: two k-means "
               f"dictionaries look {gal['kmeans_distance_raw']:.3f} apart raw, "
               f"{gal['kmeans_distance_centered']:.3f} centered (random: {gal['random_distance']:.3f}; "
