@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 # every stage: the grid's vocabulary, parameters and their checks, files, figures
-from ablation.configs import BASELINE, CONFIGURATIONS  # noqa: F401
+from ablation.configs import BASELINE, COMPARISONS, CONFIGURATIONS  # noqa: F401
 from ablation.memory import trim_heap_every
 from ablation.parameters import PARAMETERS, resolve_device, resolve_parameters  # noqa: F401
 from ablation.plots import (  # noqa: F401
@@ -53,12 +53,12 @@ from ablation.synthetic import galaxy_toy_data, synthetic_control  # noqa: F401
 
 # 04 · the ablation: distances over training, the quality gate, the tests, the verdict
 from ablation.stats import (  # noqa: F401
-    cell_endpoint, cell_trajectory, chance_levels, endpoint_summary, stability_table,
+    cell_endpoint, cell_trajectory, chance_levels, endpoint_summary, protocol_noise, stability_table,
     trajectory_curves,
 )
 from ablation.decisions import (  # noqa: F401
     authors_pattern, authors_table, falsification_tests, geometry_free_tests,
-    ground_truth_summary, quality_gate, sign_settled, stabilization_tests, tests_over_training,
+    ground_truth_summary, outcome_settled, quality_gate, stabilization_tests, tests_over_training,
     verdict,
 )
 from ablation.labels import AUTHORS_CONDITIONS, AUTHORS_RULES  # noqa: F401

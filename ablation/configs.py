@@ -5,7 +5,7 @@ from __future__ import annotations
 
 ARCHITECTURES = ("topk", "ra")
 
-INITS = {"topk": ("random", "kmeans-shared", "kmeans-independent"),
+INITS = {"topk": ("random", "kmeans-shared", "kmeans-independent", "random-points"),
          "ra": ("random", "kmeans-shared", "kmeans-independent", "random-points")}
 
 # how each architecture's decoder is built and kept; the first is the architecture's default.
@@ -20,6 +20,9 @@ DECODERS = {"topk": ("unit", "free"), "ra": ("projected", "unprojected", "relax"
 CONFIGURATIONS = {
     "topk-random": ("topk", "random", "unit"),
     "topk-kmeans-shared": ("topk", "kmeans-shared", "unit"),
+    # start-matched controls: TopK started at the same kind of points as the RA-SAE of that start
+    "topk-kmeans-independent": ("topk", "kmeans-independent", "unit"),
+    "topk-random-points": ("topk", "random-points", "unit"),
     "ra-kmeans-shared": ("ra", "kmeans-shared", "projected"),
     "ra-kmeans-independent": ("ra", "kmeans-independent", "projected"),
     "ra-projection-off": ("ra", "kmeans-shared", "unprojected"),
@@ -34,3 +37,13 @@ PREPROCESSING = ("raw", "centered")
 BASELINE = "topk-random"  # the configuration every archetypal challenger is compared with
 
 CHALLENGERS = ("ra-kmeans-independent", "ra-random-points")  # archetypal, starts not shared
+
+# the constraint's own effect: each RA-SAE against the TopK SAE started at the same kind of points
+# (unit-norm rows, trained unconstrained), so that only the constraint differs
+MATCHED_START = {"ra-kmeans-shared": "topk-kmeans-shared",
+                 "ra-kmeans-independent": "topk-kmeans-independent",
+                 "ra-random-points": "topk-random-points"}
+
+# every comparison the report decides: (comparison, archetypal configuration, TopK reference)
+COMPARISONS = (*(("against topk-random", c, BASELINE) for c in CHALLENGERS),
+               *(("matched start", ra, topk) for ra, topk in MATCHED_START.items()))

@@ -76,7 +76,7 @@ def train_cell(name: str, prep: str, data: np.ndarray | torch.Tensor, sample: to
                kmeans_shared_seed: int, n_log_snapshots: int, snapshots_per_doubling: int,
                converge_tolerance: float, n_boot: int = 2000, seed: int = 0,
                shared_points: torch.Tensor | None = None, checkpoint: str | os.PathLike | None = None,
-               meta: dict | None = None, device: str = "auto") -> dict:
+               meta: dict | None = None, device: str = "auto", precision: str = "float32") -> dict:
     """Train every seed of one configuration on one preprocessing until it has converged: one
     cell of the grid.
 
@@ -102,7 +102,7 @@ def train_cell(name: str, prep: str, data: np.ndarray | torch.Tensor, sample: to
     trainer = SAETrainer(models, data, seeds, sae_batch_size, sae_lr,
                          shift=mu if prep == "centered" else None, clip_grad=clip_grad,
                          dead_penalty=dead_penalty, aux_k=aux_k, aux_dead_tokens=aux_dead_tokens,
-                         device=device)
+                         device=device, precision=precision)
     min_steps, max_steps = min_sae_tokens // sae_batch_size, max_sae_tokens // sae_batch_size
     plan = full_rate_steps(min_steps, max_steps, n_log_snapshots, snapshots_per_doubling)
     taken: dict = {"steps": [], "lr": [], "dictionaries": [], "distances": [], "record": None,
@@ -193,7 +193,8 @@ def start_scale_effect(configurations: Sequence[str], preprocessing: Sequence[st
     shared k-means centroids."""
     build = {k_: train[k_] for k_ in ("n_latents", "k", "n_candidates", "delta", "pre_bias",
                                       "center_encoder", "kmeans_shared_seed")}
-    fit = {k_: train[k_] for k_ in ("clip_grad", "dead_penalty", "aux_k", "aux_dead_tokens", "device")}
+    fit = {k_: train[k_] for k_ in ("clip_grad", "dead_penalty", "aux_k", "aux_dead_tokens", "device",
+                                    "precision")}
     rows, mu = [], sample.mean(0)
     for name in configurations:
         for prep in preprocessing:

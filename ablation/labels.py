@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-# outcome labels of the comparisons; readme.py reads them to phrase the verdict
-CLOSER = "archetypal closer: falsifies"
-FURTHER = "archetypal further apart"
-NO_DIFFERENCE = "no detectable difference"
-AGREES_MORE = "archetypal agrees more"
-AGREES_LESS = "archetypal agrees less"
+# outcome labels of the comparisons under the declared margin (an equivalence test: the whole 95%
+# interval beyond -margin, beyond +margin, or within +-margin); readme.py reads them from the JSON
+CLOSER = "archetypal closer by more than the margin"
+FURTHER = "archetypal further apart by more than the margin"
+EQUIVALENT = "equivalent within the margin"
+UNDECIDED = "undecided: the interval crosses the margin"
+AGREES_MORE = "archetypal agrees more by more than the margin"
+AGREES_LESS = "archetypal agrees less by more than the margin"
 
 # The authors' vision notebooks (DINOv2-small patch tokens; Hungarian cosine distance, 2 runs),
 # keyed by the configuration that builds each condition as their code does

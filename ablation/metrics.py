@@ -66,12 +66,20 @@ def hungarian_l2_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(cost[r, c].mean())
 
 
-def matched_activation_correlation(codes_a: torch.Tensor, codes_b: torch.Tensor) -> float:
+def matched_activation_correlation(codes_a: torch.Tensor, codes_b: torch.Tensor,
+                                   alive_only: bool = True) -> float:
     """Mean Pearson correlation of latents matched one-to-one by their activations on the same data.
 
-    Latents that never fire have no correlation; they count as 0.
+    ``alive_only``: only latents that fire on these tokens in their run enter the matching
+    (min(alive_a, alive_b) matched pairs), so two runs that differ only by dead latents score 1;
+    else every latent is matched and a latent that never fires counts as correlation 0, which
+    makes the number partly a count of dead latents.
     """
     za, zb = torch.as_tensor(codes_a).double(), torch.as_tensor(codes_b).double()
+    if alive_only:
+        za, zb = za[:, za.ne(0).any(0)], zb[:, zb.ne(0).any(0)]
+        if not za.shape[1] or not zb.shape[1]:
+            return float("nan")
     za, zb = za - za.mean(0), zb - zb.mean(0)
     na, nb = za.norm(dim=0), zb.norm(dim=0)
     corr = (za.T @ zb) / (na[:, None] * nb[None, :]).clamp_min(1e-12)

@@ -61,6 +61,31 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+PRECISIONS = ("float32", "bfloat16")  # the SAE encoder's matmul precision
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device multiplies bfloat16 natively: a CUDA GPU that supports it, or a CPU with
+    the avx512_bf16 or amx_bf16 instructions (elsewhere bfloat16 is emulated, and slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text().split() if cpuinfo.exists() else []
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def check_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The torch dtype of a precision name; a ValueError naming the allowed ones, and a warning
+    when bfloat16 is asked for on a device that would run it slower than float32."""
+    import warnings
+
+    check_choice("precision", precision, PRECISIONS)
+    if precision == "bfloat16" and not native_bf16(device):
+        warnings.warn(f"precision='bfloat16' on {device}, which has no native bfloat16 matmul: it "
+                      "will run slower than 'float32'", stacklevel=2)
+    return getattr(torch, precision)
+
+
 def _int(lo: int) -> tuple[Callable[[object], bool], str]:
     """A rule: an integer >= lo, with its words."""
     return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo), f"an integer >= {lo}"
@@ -104,6 +129,7 @@ _BOOL = ((lambda v: isinstance(v, bool)), "true or false")
 _STR = ((lambda v: isinstance(v, str) and bool(v)), "a non-empty string")
 _DTYPE = ((lambda v: v in ("float32", "float16")), "'float32' or 'float16'")
 _DEVICE = (_is_device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+_PRECISION = ((lambda v: v in PRECISIONS), f"one of {list(PRECISIONS)}")
 _CONFIGS = (_subset(list(CONFIGURATIONS)), f"a list of distinct names from {list(CONFIGURATIONS)}")
 _PREPS = (_subset(PREPROCESSING), f"a list of distinct names from {list(PREPROCESSING)}")
 _SEEDS = ((lambda v: isinstance(v, list) and _seeds_ok(v)), "a list of distinct integers >= 0")
@@ -150,16 +176,17 @@ PARAMETERS: dict[str, Parameter] = {
     "text_source": P('"stdlib"', _STR, '"stdlib" (offline) or a hub dataset, e.g. "NeelNanda/pile-10k"'),
     "stats_windows": P('64', _POS, 'held-out windows used for the per-layer statistics'),
     "seed": P('0', _NONNEG, 'seeds the choices all runs share: the fit sample, the training set, the bootstrap, the toy data'),
-    "configurations": P('["topk-random", "topk-kmeans-shared", "ra-kmeans-shared", "ra-kmeans-independent", "ra-projection-off", "ra-random-points"]', _CONFIGS, 'any subset of helpers.CONFIGURATIONS (notebook 02 tabulates them)'),
+    "configurations": P('["topk-random", "topk-kmeans-shared", "topk-kmeans-independent", "topk-random-points", "ra-kmeans-shared", "ra-kmeans-independent", "ra-projection-off", "ra-random-points"]', _CONFIGS, 'any subset of helpers.CONFIGURATIONS (notebook 02 tabulates them)'),
     "preprocessing": P('["raw", "centered"]', _PREPS, '"raw" and/or "centered" (data mean subtracted)'),
-    "seeds": P('[0, 1, 2, 3]', _SEEDS, 'one run per seed; every random choice of a run follows its seed'),
+    "seeds": P('[0, 1, 2, 3, 4, 5, 6, 7]', _SEEDS, 'one run per seed; every random choice of a run follows its seed'),
     "n_latents": P('512', _POS, 'dictionary atoms per SAE'),
     "k": P('16', _POS, 'active latents per token'),
     "n_candidates": P('512', _POS, 'k-means centroids or candidate points per run; atoms past n_candidates start at zero'),
     "delta": P('1.0', _NUMBER, 'RA-SAE relaxation radius, absolute (reference default)'),
     "min_sae_tokens": P('2_000_000', _POS, 'tokens each run trains at the full rate before its convergence is first judged (a guard against an early plateau)'),
-    "max_sae_tokens": P('16_000_000', _POS, 'the cap: tokens at the full rate after which a run that has not converged stops, flagged'),
+    "max_sae_tokens": P('32_000_000', _POS, 'the cap: tokens at the full rate after which a run that has not converged stops, flagged'),
     "sae_batch_size": P('1024', _POS, 'tokens per step'),
+    "precision": P('"float32"', _PRECISION, '"float32" or "bfloat16": the SAE encoder\'s matmul precision (parameters, Adam, loss and metrics stay float32)'),
     "sae_lr": P('5e-3', _POSITIVE, "Adam learning rate (the authors' rate)"),
     "lr_decay": P('0.2', _SHARE, 'final share of all steps over which the learning rate falls linearly to 0 (for the grid: after convergence)'),
     "clip_grad": P('1.0', _CLIP, "per-run gradient-norm clip, as overcomplete's train_sae; 0: off"),
@@ -172,15 +199,16 @@ PARAMETERS: dict[str, Parameter] = {
     "train_tokens": P('0', _NONNEG, '0: train on the whole cache; else on a fixed set of this many cached tokens'),
     "n_fit_tokens": P('50_000', _POS, 'activations sampled for k-means, candidates, the data mean and the start scale'),
     "kmeans_shared_seed": P('0', _NONNEG, 'the one k-means seed every kmeans-shared run reuses'),
-    "n_log_snapshots": P('14', _NONNEG, 'log-spaced snapshots up to min_sae_tokens (dense early)'),
-    "snapshots_per_doubling": P('8', _int(2), 'snapshots per doubling of tokens from min_sae_tokens / 2 on (the convergence slope is fitted over the last doubling)'),
-    "converge_tolerance": P('0.03', _POSITIVE, "converged: the 95% interval of the Hungarian distance's slope per doubling of tokens, at the full rate, lies within +-this"),
+    "n_log_snapshots": P('14', _NONNEG, 'log-spaced snapshots up to min_sae_tokens / 4 (dense early)'),
+    "snapshots_per_doubling": P('8', _int(2), 'snapshots per doubling of tokens from min_sae_tokens / 4 on (the convergence slopes are fitted over the last two doublings)'),
+    "converge_tolerance": P('0.025', _POSITIVE, "converged: the 95% intervals of the Hungarian distance's slope per doubling of tokens, at the full rate, over each of the last two doublings lie within +-this (at most equivalence_margin / 2)"),
     "n_scale_steps": P('100', _POS, 'steps of the start-scale comparison'),
     "dose_scales": P('[0.0, 1.0, 4.0, 16.0]', _SCALES, 'multiples of the real |mu| for the dose-response'),
     "dose_sae_latents": P('256', _POS, 'latents of the dose-response SAEs (at most n_candidates)'),
     "dose_sae_k": P('8', _POS, 'active latents per token of the dose-response SAEs'),
     "dose_sae_tokens": P('300_000', _POS, 'tokens each dose-response SAE sees'),
     "n_eval_tokens": P('20_000', _POS, 'held-out activations for reconstruction and activation correlation'),
+    "equivalence_margin": P('0.05', _POSITIVE, "the smallest difference that matters, in Hungarian cosine distance (and in correlation): a comparison is decided by whether its 95% interval lies beyond -margin, beyond +margin or within +-margin"),
     "n_boot": P('2000', _int(100), 'bootstrap resamples (over runs) for every interval'),
     "max_fvu": P('0.4', _POSITIVE, 'quality gate: a cell must reconstruct held-out activations with at most this FVU'),
     "synthetic_tokens": P('1_000_000', _POS, 'tokens each synthetic-control SAE sees'),
@@ -284,6 +312,11 @@ def check_together(params: dict) -> None:
         bad.append(f"min_sae_tokens={p['min_sae_tokens']:,} must be at least sae_batch_size x "
                    f"snapshots_per_doubling = {p['sae_batch_size'] * p['snapshots_per_doubling']:,}, "
                    "so that the last doubling holds distinct snapshots")
+    if "converge_tolerance" in p and "equivalence_margin" in p and \
+            not p["converge_tolerance"] <= p["equivalence_margin"] / 2:
+        bad.append(f"converge_tolerance={p['converge_tolerance']:g} must be at most "
+                   f"equivalence_margin / 2 = {p['equivalence_margin'] / 2:g}: a converged cell may "
+                   "still move by the tolerance per doubling, which must stay well inside the margin")
     name, layer = p.get("model_name"), p.get("layer")
     depth = p.get("n_layers", default("n_layers")) if name == default("model_name") \
         else MODEL_DEPTHS.get(name)

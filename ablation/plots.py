@@ -13,6 +13,8 @@ from .convergence import at_full_rate
 STYLES = {
     "topk-random": ("#000000", "-", "o"),
     "topk-kmeans-shared": ("#E69F00", "--", "s"),
+    "topk-kmeans-independent": ("#7F7F7F", "--", "<"),
+    "topk-random-points": ("#8C564B", (0, (4, 2)), ">"),
     "ra-kmeans-shared": ("#0072B2", "-", "^"),
     "ra-kmeans-independent": ("#009E73", "-.", "v"),
     "ra-projection-off": ("#CC79A7", ":", "D"),
@@ -78,25 +80,31 @@ def plot_trajectories(curves, chance: dict, metric: str, preprocessing: Sequence
     return fig
 
 
-def plot_tests_over_training(rows, preprocessing: Sequence[str]):
-    """The verdict over training: falsification and stabilization differences (challenger minus
-    baseline, Hungarian) against tokens seen, 95% bands; dotted past the end of the cell that
-    converged first (held at its convergence); the end of both cells at the right."""
+def plot_tests_over_training(rows, preprocessing: Sequence[str], margin: float):
+    """The verdict over training, Hungarian, one row of panels per test: the endpoint difference
+    against TopK from random starts, the same against TopK from the same start (the constraint's
+    own effect), and the change since step 0 against TopK from random starts; archetypal minus
+    TopK against tokens seen, 95% bands, the margin as a grey band; dotted past the end of the cell
+    that converged first (held at its convergence); the end of both cells at the right."""
     import matplotlib.pyplot as plt
 
     from matplotlib.ticker import NullFormatter
 
-    tests = {"falsification": "distance", "stabilization": "change since step 0"}
-    fig, axes = plt.subplots(2, len(preprocessing), figsize=(6.5 * len(preprocessing), 8.4),
+    panels = (("falsification", "against topk-random", "distance: archetypal minus topk-random"),
+              ("falsification", "matched start", "distance: archetypal minus TopK\nfrom the same start"),
+              ("stabilization", "against topk-random", "change since step 0:\narchetypal minus topk-random"))
+    fig, axes = plt.subplots(len(panels), len(preprocessing), figsize=(6.5 * len(preprocessing), 12),
                              sharex=True, squeeze=False)
-    for row_ax, (test, what) in zip(axes, tests.items()):
+    for row_ax, (test, comparison, what) in zip(axes, panels):
         for ax, prep in zip(row_ax, preprocessing):
+            ax.axhspan(-margin, margin, color="0.85", zorder=0, lw=0)
             ax.axhline(0, color="0.3", lw=1)
-            if rows.empty:
-                ax.text(0.5, 0.5, "no archetypal configuration with independent starts\nbeside "
-                        "topk-random in this grid", ha="center", va="center", transform=ax.transAxes)
+            sub = rows[(rows.test == test) & (rows.comparison == comparison)
+                       & (rows.preprocessing == prep)] if not rows.empty else rows
+            if sub.empty:
+                ax.text(0.5, 0.5, f"no comparison '{comparison}'\nin this grid", ha="center",
+                        va="center", transform=ax.transAxes)
                 continue
-            sub = rows[(rows.test == test) & (rows.preprocessing == prep)]
             for name in sub.challenger.unique():
                 c = sub[sub.challenger == name]
                 color, ls, marker = STYLES[name]
@@ -106,16 +114,17 @@ def plot_tests_over_training(rows, preprocessing: Sequence[str]):
                 if len(held):
                     held = c[c.stage != "end"].iloc[len(run) - 1:]  # continue from the last shared point
                     ax.fill_between(held.tokens, held.lo, held.hi, color=color, alpha=0.12, lw=0)
-                    ax.plot(held.tokens, held.difference, color=color, ls=":", lw=1.8,
-                            label=f"{name}, the cell that converged first held there")
+                    ax.plot(held.tokens, held.difference, color=color, ls=":", lw=1.8)
                 ax.errorbar(end.tokens, end.difference, yerr=[end.difference - end.lo, end.hi - end.difference],
-                            color=color, marker=marker, ms=7, capsize=3, ls="", label=f"{name}: end (after the decay)")
+                            color=color, marker=marker, ms=7, capsize=3, ls="")
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set(title=f"{test}, {prep} activations",
-                   ylabel=f"{what}: challenger minus topk-random\n(below 0: archetypal closer)")
-            if test == "stabilization":
-                ax.set_xlabel("tokens seen")
-    if not rows.empty:
-        axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+            ax.set(title=f"{test}, {comparison}, {prep} activations",
+                   ylabel=f"{what}\n(below 0: archetypal closer)")
+            ax.legend(fontsize=8, loc="best")
+    for ax in axes[-1]:
+        ax.set_xlabel("tokens seen")
+    fig.text(0.5, -0.01, f"grey band: the margin +-{margin:g}; dotted: the cell that converged "
+             "first, held at its convergence; markers: both cells' ends, after the final decay",
+             ha="center", fontsize=9)
     return fig

@@ -18,23 +18,27 @@ def unit_rows(a: torch.Tensor) -> torch.Tensor:
 
 
 def topk_encode(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
-                out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                out: torch.Tensor | None = None,
+                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """TopK(ReLU(x W_enc^T + b_enc)) as (values, ascending indices), the encoder of both models.
 
     One run: x is (batch, d_in). Runs stacked over seeds (the trainer): x is (seeds, batch, d_in)
     with one encoder per seed, rows come back seed-major, and the pre-activations are written to
-    ``out`` (seeds, batch, n_latents) when given.
+    ``out`` (seeds, batch, n_latents) when given. ``dtype`` is the precision of the matmul and the
+    selection (None: x's); the values come back in x's dtype.
     """
+    dt = dtype or x.dtype
+    xd, wd, bd = x.to(dt), w_enc.to(dt), b_enc.to(dt)  # no copies when dt is already theirs
     if x.dim() == 2:
-        pre = torch.addmm(b_enc, x, w_enc.T)
+        pre = torch.addmm(bd, xd, wd.T)
     else:
-        pre = torch.empty(*x.shape[:2], w_enc.shape[1], dtype=x.dtype, device=x.device) \
+        pre = torch.empty(*x.shape[:2], w_enc.shape[1], dtype=dt, device=x.device) \
             if out is None else out
         for i in range(len(x)):  # a loop of addmm runs faster on the CPU than one baddbmm
-            torch.addmm(b_enc[i], x[i], w_enc[i].T, out=pre[i])
+            torch.addmm(bd[i], xd[i], wd[i].T, out=pre[i])
         pre = pre.view(-1, pre.shape[-1])
     vals, idx = topk_rows(pre.contiguous(), k)
-    return vals.clamp_min(0), idx
+    return vals.to(x.dtype).clamp_min(0), idx
 
 
 def archetypal_atoms(w: torch.Tensor, candidates: torch.Tensor, lam: torch.Tensor,
@@ -178,6 +182,15 @@ class RelaxedArchetypalSAE(nn.Module):
             self.project_()
         vals, idx = self.encode(x)
         return self.decode(vals, idx), dense_codes(vals, idx, self.W.shape[0])
+
+
+def atoms_carry_mean(sae: nn.Module) -> bool:
+    """Whether a model's atoms must carry the data mean themselves, decided by the model: True when
+    it has no trained decoder bias to absorb the mean and its atoms are free in norm (points in
+    data space, as an RA-SAE's or a free-row TopK SAE's without pre-bias); False for a model with a
+    trained pre-bias, or with unit-norm atoms (directions, which cannot carry an offset)."""
+    has_bias = isinstance(getattr(sae, "b_pre", None), nn.Parameter)
+    return not has_bias and getattr(sae, "decoder_norm", "free") != "unit"
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .configs import CONFIGURATIONS
+from .convergence import at_full_rate
 from .grid import sae_from_state
 from .bootstrap import bootstrap_mean, bootstrap_runs
 from .metrics import (
@@ -27,8 +28,9 @@ def cell_trajectory(cell: dict) -> dict[str, np.ndarray]:
 def cell_endpoint(cell: dict, x_eval: torch.Tensor, name: str,
                   x_train: torch.Tensor | None = None) -> dict:
     """Held-out reconstruction (FVU, L0, dead share per run; with x_train, the FVU on those
-    training activations too) and the geometry-free run-by-run matrices (Hungarian-matched L2
-    distance, activation correlation) at the end of training."""
+    training activations too) and the geometry-free run-by-run matrices at the end of training:
+    Hungarian-matched L2 distance, the activation correlation of matched latents alive in both
+    runs, the same over all latents (dead ones count 0), and the pair's mean dead share."""
     decoder = CONFIGURATIONS[name][2]
     shift = cell["mean"] if cell["meta"]["preprocessing"] == "centered" else 0
     xe = x_eval - shift
@@ -45,11 +47,16 @@ def cell_endpoint(cell: dict, x_eval: torch.Tensor, name: str,
         if x_train is not None:
             per_run["fvu_train"].append(fvu(x_train - shift, sae(x_train - shift)[0]))
     final, n = cell["dictionaries"][-1], len(codes)
-    mats = {m: np.full((n, n), np.nan) for m in ("hungarian_l2", "activation_corr")}
+    pair = {"hungarian_l2": lambda a, b: hungarian_l2_distance(final[a], final[b]),
+            "activation_corr": lambda a, b: matched_activation_correlation(codes[a], codes[b]),
+            "activation_corr_all": lambda a, b: matched_activation_correlation(codes[a], codes[b],
+                                                                               alive_only=False),
+            # the share of each run's latents that the alive-only matching leaves out, averaged
+            "dead_share": lambda a, b: (dead_fraction(codes[a]) + dead_fraction(codes[b])) / 2}
+    mats = {m: np.full((n, n), np.nan) for m in pair}
     for i, j in itertools.combinations(range(n), 2):
-        mats["hungarian_l2"][i, j] = mats["hungarian_l2"][j, i] = hungarian_l2_distance(final[i], final[j])
-        mats["activation_corr"][i, j] = mats["activation_corr"][j, i] = \
-            matched_activation_correlation(codes[i], codes[j])
+        for m, fn in pair.items():
+            mats[m][i, j] = mats[m][j, i] = fn(i, j)
     return {"per_run": per_run, "matrices": mats}
 
 
@@ -98,3 +105,21 @@ def stability_table(traj: dict, n_boot: int, seed: int) -> dict[tuple[str, str],
         out[key] = {"step0": start, "peak": peak, "end": end, "end_minus_step0": diff, "lo": lo,
                     "hi": hi, "shared_start": start < 1e-9, "stabilizes": bool(start > 1e-9 and hi < 0)}
     return out
+
+
+def protocol_noise(traj: dict, tolerance: float) -> dict:
+    """How far the protocol itself moves a cell's endpoint (Hungarian), the scale against which
+    the margin is declared: the largest shift of the final decay (end against the last full-rate
+    snapshot), the drift one more doubling may still bring at the convergence tolerance, and the
+    largest shift between two disjoint seed sets (the first and second half of a cell's runs,
+    each averaged over its own pairs; None with fewer than four runs), over the cells of ``traj``."""
+    decay, halves = {}, {}
+    for (name, prep), tr in traj.items():
+        m, full = tr["hungarian"], np.flatnonzero(at_full_rate(tr["lr"]))
+        decay[f"{name}__{prep}"] = abs(float(np.nanmean(m[-1]) - np.nanmean(m[full[-1]])))
+        n = len(m[-1]) // 2
+        if n >= 2:
+            halves[f"{name}__{prep}"] = abs(float(np.nanmean(m[-1][:n, :n]) - np.nanmean(m[-1][n:, n:])))
+    worst = lambda d: max(d.items(), key=lambda kv: kv[1]) if d else (None, None)  # noqa: E731
+    return {"decay": dict(zip(("cell", "shift"), worst(decay))), "one_doubling": tolerance,
+            "seed_sets": dict(zip(("cell", "shift"), worst(halves)))}

@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .kernels import gather_dot, gather_sum, scatter_sum2, topk_rows
-from .parameters import check_seeds, resolve_device
+from .parameters import check_precision, check_seeds, resolve_device
 from .sae import (
     RelaxedArchetypalSAE, TopKSAE, archetypal_atoms, project_archetypal_, sparse_decode, topk_encode,
     unit_rows,
@@ -27,20 +27,23 @@ def snapshot_steps(n_steps: int, n_log: int = 12, n_linear: int = 8) -> list[int
     return sorted({0, n_steps, *(int(round(s)) for s in log), *(int(round(s)) for s in lin)})
 
 
-def _workspace(ws: dict | None, name: str, like: torch.Tensor, shape: tuple) -> torch.Tensor:
-    """A buffer of this shape kept in ws across steps (a fresh large tensor costs page faults)."""
+def _workspace(ws: dict | None, name: str, like: torch.Tensor, shape: tuple,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A buffer of this shape (and like's dtype, or dtype) kept in ws across steps (a fresh large
+    tensor costs page faults)."""
+    dtype = dtype or like.dtype
     if ws is None:
-        return torch.empty(shape, device=like.device, dtype=like.dtype)
-    if name not in ws or ws[name].shape != shape:
-        ws[name] = torch.empty(shape, device=like.device, dtype=like.dtype)
+        return torch.empty(shape, device=like.device, dtype=dtype)
+    if name not in ws or ws[name].shape != shape or ws[name].dtype != dtype:
+        ws[name] = torch.empty(shape, device=like.device, dtype=dtype)
     return ws[name]
 
 
 def sae_grads(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor,
               b_pre: torch.Tensor | None, dic: torch.Tensor, k: int, dead_penalty: float = 0.0,
               aux_dead: torch.Tensor | None = None, aux_k: int = 0, aux_coef: float = 1 / 32,
-              enc_shift: torch.Tensor | None = None,
-              ws: dict | None = None) -> tuple[torch.Tensor, dict, torch.Tensor]:
+              enc_shift: torch.Tensor | None = None, ws: dict | None = None,
+              matmul_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """Loss, gradients and firing counts of TopK SAEs stacked over seeds (x: S x B x d).
 
     The loss of a run is the reference library's MSE, the mean of (x - x_hat)^2 over the batch and
@@ -51,15 +54,17 @@ def sae_grads(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor,
     aux_coef times the MSE with which the top ``aux_k`` latents among those marked in ``aux_dead``
     (S x n) reconstruct the main reconstruction's residual. Only the encoder's forward pass is a
     dense product; decoding and every gradient touch only the selected latents of each token.
-    Returns the loss (S), the gradients and how many tokens each latent fired on (S x n).
+    ``matmul_dtype`` is the encoder's precision (the dense product and the selection); the decode,
+    the loss and every gradient stay in x's dtype. Returns the loss (S), the gradients and how
+    many tokens each latent fired on (S x n).
     """
     s, b, d = x.shape
     n = dic.shape[1]
     offsets = torch.arange(s, device=x.device).view(s, 1, 1) * n
     xc = x if b_pre is None else x - b_pre.unsqueeze(1)
     xin = xc if enc_shift is None else xc - enc_shift.unsqueeze(1)  # what the encoder sees
-    pre = _workspace(ws, "pre", x, (s, b, n))
-    vals, idx = topk_encode(xin, w_enc, b_enc, k, out=pre)  # the models' encoder (sae.py)
+    pre = _workspace(ws, "pre", x, (s, b, n), matmul_dtype)
+    vals, idx = topk_encode(xin, w_enc, b_enc, k, out=pre, dtype=matmul_dtype)  # sae.py's encoder
     flat = (idx.view(s, b, k) + offsets).view(s * b, k)
     table = dic.reshape(s * n, d).contiguous()
     xc_flat = xc.reshape(s * b, d).contiguous()
@@ -76,7 +81,7 @@ def sae_grads(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor,
     if aux_k and aux_dead is not None and bool(aux_dead.any()):
         pre.masked_fill_(~aux_dead.unsqueeze(1), -math.inf)  # only dead latents compete
         a_vals, a_idx = topk_rows(pre.view(s * b, n), min(aux_k, n))
-        a_vals = torch.nan_to_num(a_vals, neginf=0.0).clamp_min(0)
+        a_vals = torch.nan_to_num(a_vals.to(x.dtype), neginf=0.0).clamp_min(0)
         a_flat = (a_idx.view(s, b, -1) + offsets).view(s * b, -1)
         a_out = (gather_sum(a_flat, a_vals, table) + err) * (aux_coef * 2.0 / (b * d))
         a_gvals = gather_dot(a_flat, a_out, table) * (a_vals > 0)
@@ -106,8 +111,9 @@ def stacked_dictionary(arch: str, params: dict, buffers: dict) -> torch.Tensor:
 
 def stacked_grads(arch: str, params: dict, buffers: dict, x: torch.Tensor, k: int,
                   dead_penalty: float = 0.0, clip_grad: float | None = None,
-                  aux_dead: torch.Tensor | None = None, aux_k: int = 0,
-                  ws: dict | None = None) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+                  aux_dead: torch.Tensor | None = None, aux_k: int = 0, ws: dict | None = None,
+                  matmul_dtype: torch.dtype | None = None,
+                  ) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
     """Per-seed loss, the gradient of every stacked parameter, each run's gradient norm and firing.
 
     The chain rule goes through D for RA-SAEs. With ``clip_grad``, each run's gradients are
@@ -118,7 +124,8 @@ def stacked_grads(arch: str, params: dict, buffers: dict, x: torch.Tensor, k: in
     dic = stacked_dictionary(arch, params, buffers)
     b_pre = params.get("b_pre")  # a TopK SAE without pre-bias holds a zero buffer instead
     loss, g, fired = sae_grads(x, params["W_enc"], params["b_enc"], b_pre, dic, k, dead_penalty,
-                               aux_dead, aux_k, enc_shift=buffers.get("enc_shift"), ws=ws)
+                               aux_dead, aux_k, enc_shift=buffers.get("enc_shift"), ws=ws,
+                               matmul_dtype=matmul_dtype)
     grads = {"W_enc": g["W_enc"], "b_enc": g["b_enc"]}
     sq = []  # squared norms of gradients that are not in grads yet
     if arch == "topk":
@@ -195,7 +202,9 @@ class SAETrainer:
     does (None or 0: no clipping), then takes an Adam step; Adam on the stacked parameters equals
     per-run Adam. ``dead_penalty`` is the authors' dead-latent term; ``aux_k`` > 0 adds Gao et
     al.'s AuxK loss over the latents that fired on none of the last ``aux_dead_tokens`` tokens
-    (see sae_grads). ``state_dict`` holds everything that decides the next step (parameters,
+    (see sae_grads). ``precision`` is the encoder's matmul precision ('float32' or 'bfloat16');
+    parameters, Adam's state, the decode, the loss and the gradients stay float32.
+    ``state_dict`` holds everything that decides the next step (parameters,
     Adam's moments, the data order, the dead-latent clocks, the losses so far), so a trainer
     restored from it continues bit for bit as the uninterrupted one would.
     """
@@ -204,7 +213,7 @@ class SAETrainer:
                  seeds: Sequence[int], batch_size: int = 1024, lr: float = 5e-4,
                  shift: torch.Tensor | None = None, clip_grad: float | None = 1.0,
                  dead_penalty: float = 0.0, aux_k: int = 0, aux_dead_tokens: int = 100_000,
-                 device: str = "auto", progress: bool = True):
+                 device: str = "auto", progress: bool = True, precision: str = "float32"):
         self.arch = _check_models(models)
         check_seeds(seeds)
         if len(seeds) != len(models):
@@ -236,6 +245,7 @@ class SAETrainer:
         self.clipped = torch.zeros(len(models))
         self.since_fired = torch.zeros(len(models), models[0].W_enc.shape[0], device=self.device)
         self.ws: dict = {}  # buffers reused across steps
+        self.matmul_dtype = check_precision(precision, self.device)
 
     def _batch(self, step: int) -> torch.Tensor:
         """Step's batch of every run; a new epoch first draws every run's permutation of x."""
@@ -267,7 +277,8 @@ class SAETrainer:
             xb = self._batch(step)
             loss, grads, norms, fired = stacked_grads(
                 arch, params, self.buffers, xb, self.k, self.dead_penalty, self.clip_grad,
-                self.since_fired >= self.aux_dead_tokens if self.aux_k else None, self.aux_k, self.ws)
+                self.since_fired >= self.aux_dead_tokens if self.aux_k else None, self.aux_k, self.ws,
+                self.matmul_dtype)
             self.since_fired = torch.where(fired > 0, 0.0, self.since_fired + self.batch_size)
             if not bool(torch.isfinite(loss).all()):
                 bad = [s for s, ok in zip(self.seeds, torch.isfinite(loss).tolist()) if not ok]
@@ -333,7 +344,7 @@ def train_saes(models: Sequence[nn.Module], x: torch.Tensor | np.ndarray, seeds:
                snapshots: Sequence[int] | None = None, shift: torch.Tensor | None = None,
                clip_grad: float | None = 1.0, dead_penalty: float = 0.0, aux_k: int = 0,
                aux_dead_tokens: int = 100_000, lr_decay: float = 0.0, device: str = "auto",
-               progress: bool = True) -> dict:
+               progress: bool = True, precision: str = "float32") -> dict:
     """Train several runs of one configuration together for a fixed budget (``SAETrainer``).
 
     ``lr_decay`` is the final share of the steps over which the learning rate falls linearly to
@@ -345,7 +356,7 @@ def train_saes(models: Sequence[nn.Module], x: torch.Tensor | np.ndarray, seeds:
     if n_tokens < batch_size or batch_size < 1:
         raise ValueError(f"n_tokens={n_tokens} must be >= batch_size={batch_size} >= 1")
     trainer = SAETrainer(models, x, seeds, batch_size, lr, shift, clip_grad, dead_penalty, aux_k,
-                         aux_dead_tokens, device, progress)
+                         aux_dead_tokens, device, progress, precision)
     n_steps = n_tokens // batch_size
     snap = sorted(set(snapshots if snapshots is not None else snapshot_steps(n_steps)))
     if snap and (snap[0] < 0 or snap[-1] > n_steps):

@@ -3,9 +3,10 @@
 The plain loop is how the reference library (overcomplete's ``train_sae``) trains: autograd, dense
 codes scattered from the TopK indices, a dense decode z @ D, the MSE, gradient clipping at norm 1
 and Adam, one run after the other. Both train the same models on the same data in this process,
-alternately (plain, batched, plain, batched, ...), so machine noise hits both; the speed-up is the
-ratio of their median times. The machine's fp32 matmul rate is measured alongside so the numbers
-can be read against the hardware. The last line printed is one JSON object.
+alternately (plain, batched in float32, batched in bfloat16, ...), so machine noise hits all; the
+speed-up is the ratio of their median times. The machine's matmul rate is measured alongside, in
+both precisions, and the batched trainer's encoder product is given as a share of it. The last
+line printed is one JSON object.
 
     python benchmarks/bench_train.py [--steps 20] [--seeds 5] [--rounds 3] [--device cpu]
 """
@@ -23,9 +24,10 @@ import torch
 import helpers as h
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 10, device: str = "cpu") -> float:
-    """Best-of fp32 GFLOP/s of an n x n x n matrix product on this device."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_gflops(n: int = 2048, repeats: int = 10, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> float:
+    """Best-of GFLOP/s of an n x n x n matrix product in dtype on this device."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     best = float("inf")
     for _ in range(repeats + 1):
         _sync(device)
@@ -70,12 +72,13 @@ def plain_loop(models: list, x: torch.Tensor, steps: int, batch: int, lr: float,
     return time.perf_counter() - t
 
 
-def batched(models: list, x: torch.Tensor, steps: int, batch: int, lr: float, device: str) -> float:
-    """Seconds for train_saes to train all models together."""
+def batched(models: list, x: torch.Tensor, steps: int, batch: int, lr: float, device: str,
+            precision: str = "float32") -> float:
+    """Seconds for train_saes to train all models together, the encoder in ``precision``."""
     _sync(device)
     t = time.perf_counter()
     h.train_saes(models, x, list(range(len(models))), batch * steps, batch, lr, snapshots=[],
-                 device=device, progress=False)
+                 device=device, progress=False, precision=precision)
     _sync(device)
     return time.perf_counter() - t
 
@@ -103,21 +106,28 @@ def main() -> None:
            "cpu": cpu, "kernels": h.kernel_backend(), "torch": torch.__version__}
     if a.device.startswith("cuda"):
         out["gpu"] = torch.cuda.get_device_name(0)
+    precisions = ("float32", "bfloat16")
+    for prec in precisions:
+        out[f"matmul_gflops_{prec}"] = matmul_gflops(device=a.device, dtype=getattr(torch, prec))
     for arch in ("topk", "ra"):
         make = lambda: [h.make_sae(arch, "random", x[:4096], a.n_latents, a.k, s) for s in seeds]
-        batched(make(), x, 2, a.batch, 5e-4, a.device)  # warm-up (and kernel compilation)
+        for prec in precisions:  # warm-up (and kernel compilation)
+            batched(make(), x, 2, a.batch, 5e-4, a.device, prec)
         plain_loop(make()[:1], x, 2, a.batch, 5e-4, a.device)
-        slow, fast = [], []
+        times = {"plain": [], **{prec: [] for prec in precisions}}
         for _ in range(a.rounds):
-            slow.append(plain_loop(make(), x, a.steps, a.batch, 5e-4, a.device))
-            fast.append(batched(make(), x, a.steps, a.batch, 5e-4, a.device))
-        out[f"{arch}_tokens_per_s"] = tokens / statistics.median(fast)
-        out[f"plain_{arch}_tokens_per_s"] = tokens / statistics.median(slow)
-        out[f"speedup_vs_plain_{arch}"] = statistics.median(slow) / statistics.median(fast)
-    out["matmul_gflops"] = matmul_gflops(device=a.device)
-    # The one dense product the batched TopK step cannot avoid: the encoder, 2 * d * n per token.
-    needed = 2 * a.d * a.n_latents * out["topk_tokens_per_s"] / 1e9
-    out["fraction_of_peak"] = needed / out["matmul_gflops"]
+            times["plain"].append(plain_loop(make(), x, a.steps, a.batch, 5e-4, a.device))
+            for prec in precisions:
+                times[prec].append(batched(make(), x, a.steps, a.batch, 5e-4, a.device, prec))
+        out[f"plain_{arch}_tokens_per_s"] = tokens / statistics.median(times["plain"])
+        for prec in precisions:
+            rate = tokens / statistics.median(times[prec])
+            out[f"{arch}_{prec}_tokens_per_s"] = rate
+            out[f"speedup_vs_plain_{arch}_{prec}"] = statistics.median(times["plain"]) / statistics.median(times[prec])
+            # the one dense product a batched step cannot avoid: the encoder, 2 d n flops per token,
+            # as a share of the machine's best matmul rate in the same precision
+            out[f"encoder_share_of_matmul_{arch}_{prec}"] = \
+                2 * a.d * a.n_latents * rate / 1e9 / out[f"matmul_gflops_{prec}"]
     for key, val in out.items():
         print(f"{key:>28}: {val:,.3f}" if isinstance(val, float) else f"{key:>28}: {val}")
     print(json.dumps(out))

@@ -93,7 +93,7 @@ def data() -> torch.Tensor:
 
 
 def train_runs(arch, init, data, seeds=(0, 1, 2), steps=12, lr=3e-3, **kw):
-    train_kw = {k: kw.pop(k) for k in ("clip_grad", "lr_decay", "dead_penalty") if k in kw}
+    train_kw = {k: kw.pop(k) for k in ("clip_grad", "lr_decay", "dead_penalty", "precision") if k in kw}
     models = [starts.make_sae(arch, init, data, 24, 4, seed=s, **kw) for s in seeds]
     out = train.train_saes(models, data, list(seeds), 64 * steps, 64, lr=lr, progress=False,
                        device="cpu", **train_kw)

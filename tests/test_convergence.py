@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ablation import convergence
+from ablation import convergence, parameters
 
 TOKENS = np.round(1_000_000 * 2 ** (np.arange(-8, 17) / 8)).astype(int)  # 2^-1 .. 2^2 M, 8 per doubling
 LR = 5e-3
@@ -34,7 +34,31 @@ def test_a_converged_trajectory_is_converged():
     rec = judge(trajectory(np.zeros(4), jitter=0.002))
     assert rec["converged"] and abs(rec["slope"]) < 0.005
     assert rec["tokens"] == TOKENS[-1] and rec["from_tokens"] == TOKENS[16] and rec["n_snapshots"] == 9
+    assert abs(rec["slope_before"]) < 0.005 and rec["lo_before"] <= rec["hi_before"]
     assert rec["lr"] == LR
+
+
+def test_a_steady_drift_just_under_the_old_tolerance_is_not_converged_under_the_margin():
+    # 0.029 per doubling passed the old tolerance (0.03) at every snapshot, and moves 0.058 over
+    # two more doublings: more than the declared margin; the tolerance tied to the margin says no
+    tolerance = parameters.default("converge_tolerance")
+    assert tolerance <= parameters.default("equivalence_margin") / 2
+    m = trajectory(np.full(4, -0.029), jitter=0.001)
+    assert judge(m, tolerance=0.03)["converged"]  # the old criterion
+    rec = judge(m, tolerance=tolerance)
+    assert not rec["converged"] and rec["slope"] == pytest.approx(-0.029, abs=0.002)
+
+
+def test_a_turning_point_is_not_converged():
+    # rises from a close start at 0.1 per doubling, peaks in the middle of the last doubling and
+    # turns: the last doubling alone is flat (one window called this converged), the one before
+    # it rises steeply
+    t = np.log2(TOKENS / TOKENS[-1])
+    level = 0.3 - 0.1 * (t + 0.5) ** 2 / 0.5  # slope 0 at t = -0.5, +0.1 per doubling at t = -1
+    m = trajectory(np.zeros(4), jitter=0.001) - 0.4 + level[:, None, None]
+    rec = judge(m)
+    assert abs(rec["slope"]) < 0.01 and -0.02 <= rec["lo"] and rec["hi"] <= 0.02  # one window: flat
+    assert rec["slope_before"] > 0.1 and not rec["converged"]
 
 
 def test_a_slowly_drifting_trajectory_is_not():
@@ -78,14 +102,15 @@ def test_too_few_snapshots_in_the_window_are_not_judged():
 
 def test_the_snapshot_plan_is_log_dense_early_and_per_doubling_late():
     steps = convergence.full_rate_steps(1000, 8000, n_log=10, per_doubling=4)
-    assert steps[0] == 0 and steps[-1] == 8000 and 1000 in steps and 500 in steps
-    early = [s for s in steps if 0 < s < 500]
-    assert len(early) >= 7 and early[0] == 1  # log-spaced from step 1
-    late = [s for s in steps if s >= 500]
-    assert np.allclose(np.diff(np.log2(late)), 0.25, atol=0.01)  # 4 per doubling
-    # a fixed budget (min = max) still leaves a full doubling to judge
+    assert steps[0] == 0 and steps[-1] == 8000 and {250, 500, 1000} <= set(steps)
+    early = [s for s in steps if 0 < s < 250]
+    assert len(early) >= 6 and early[0] == 1  # log-spaced from step 1
+    late = [s for s in steps if s >= 250]
+    assert np.allclose(np.diff(np.log2(late)), 0.25, atol=0.01)  # 4 per doubling, from min / 4
+    # a fixed budget (min = max) still leaves two full doublings to judge
     fixed = convergence.full_rate_steps(1500, 1500, n_log=5, per_doubling=8)
     assert fixed[-1] == 1500 and sum(s >= 750 for s in fixed) == 9
+    assert sum(375 <= s <= 750 for s in fixed) == 9
     with pytest.raises(ValueError, match="min_steps"):
         convergence.full_rate_steps(10, 5, 4, 4)
 

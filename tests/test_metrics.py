@@ -69,3 +69,15 @@ def test_l0_dead_fraction_and_pairwise():
     assert metrics.dead_fraction(codes) == pytest.approx(5 / 8)
     m = metrics.pair_matrices(torch.stack([random_dict(10, 4, s) for s in range(5)]))
     assert np.isnan(np.diag(m["mean_min"])).all() and (m["mean_min"][~np.eye(5, dtype=bool)] > 0).all()
+
+
+def test_activation_correlation_of_runs_that_differ_only_by_dead_latents_is_one():
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.rand(300, 20, generator=gen) * (torch.rand(300, 20, generator=gen) < 0.2)
+    other = codes[:, torch.randperm(20, generator=gen)].clone()
+    other[:, :5] = 0  # five latents of the second run never fire
+    assert metrics.matched_activation_correlation(codes, other) == pytest.approx(1.0)
+    # counted as correlation 0, the dead latents pull the all-latent version down by 5 / 20
+    assert metrics.matched_activation_correlation(codes, other, alive_only=False) == \
+        pytest.approx(0.75, abs=1e-6)
+    assert np.isnan(metrics.matched_activation_correlation(codes, torch.zeros(300, 20)))

@@ -124,7 +124,7 @@ def test_loading_fails_loudly_without_tokenizer_or_hub(smoke, tmp_path):
 # ----------------------------------------------------------------------------- 02, 03, 04
 def test_02_saves_every_cell_as_safetensors_with_snapshots_from_step_zero(smoke):
     res = json.loads((smoke / "02_train_saes.json").read_text())
-    assert len(res["cells"]) == 12
+    assert len(res["cells"]) == 16
     cell = grid.load_cell(smoke, "ra-kmeans-shared", "centered")
     assert cell["tokens"][0] == 0 and cell["dictionaries"].shape == (len(cell["tokens"]), 3, 32, 32)
     rec = res["cells"]["ra-kmeans-shared__centered"]["convergence"]
@@ -167,9 +167,20 @@ def test_04_science_invariants_hold_on_the_outputs(smoke):
     for key, row in res["endpoint"].items():
         assert all(np.isfinite(x) for v in row.values() for x in v.values()), key
         assert res["quality_gate"][key] == [] and res["convergence"][key]["converged"], key
-    assert len(res["falsification"]) == 8 and len(res["geometry_free"]) == 4
-    assert len(res["stabilization_advantage"]) == 8 and res["tests_skipped"] == []
-    assert {r["outcome"] for r in res["falsification"]} <= {labels.CLOSER, labels.FURTHER, labels.NO_DIFFERENCE}
+    # two challengers against topk-random and three RA-SAEs at a matched start, on two preprocessings
+    assert len(res["falsification"]) == 20 and len(res["geometry_free"]) == 10
+    assert len(res["stabilization_advantage"]) == 20 and res["tests_skipped"] == []
+    matched = {(r["challenger"], r["reference"]) for r in res["falsification"] if r["comparison"] == "matched start"}
+    assert matched == set(configs.MATCHED_START.items())
+    assert {r["outcome"] for r in res["falsification"]} <= {
+        labels.CLOSER, labels.FURTHER, labels.EQUIVALENT, labels.UNDECIDED}
+    assert all(r["margin"] == res["equivalence_margin"] == 1.0 for r in res["falsification"])
+    for r in res["geometry_free"]:  # alive-only, with the all-latent version and dead shares beside
+        assert -1 <= r["difference"] <= 2 and set(r["all_latents"]) == {"difference", "lo", "hi", "outcome"}
+        assert 0 <= r["challenger_dead_share"] <= 1 and 0 <= r["reference_dead_share"] <= 1
+    noise = res["protocol_noise"]
+    assert noise["one_doubling"] == res["convergence"]["topk-random__raw"]["tolerance"]
+    assert noise["decay"]["shift"] >= 0 and noise["decay"]["cell"] in res["endpoint"]
     # the grid builds two of the authors' four conditions as their code does (the other two are
     # the authors profiles' -free configurations)
     assert {r["configuration"] for r in res["authors_table"]} == {"topk-random", "ra-kmeans-shared"}
@@ -182,7 +193,8 @@ def test_04_science_invariants_hold_on_the_outputs(smoke):
         assert np.isfinite(rec["slope"]) and rec["lo"] <= rec["slope"] <= rec["hi"], key
     over = res["tests_over_training"]
     assert {r["test"] for r in over} == {"falsification", "stabilization"}
-    assert len([r for r in over if r["stage"] == "end"]) == 8 and len(res["sign_settled"]) == 8
+    assert {r["comparison"] for r in over} == {"against topk-random", "matched start"}
+    assert len([r for r in over if r["stage"] == "end"]) == 20 and len(res["outcome_settled"]) == 20
     for name in ("fig1_mean_min", "fig1_hungarian", "fig3_verdict_over_training"):
         assert (smoke / "figures" / f"{name}.png").is_file()
     assert not list((smoke / "saes").glob("*.ckpt"))  # checkpoints go once the cells are saved
@@ -192,7 +204,7 @@ def test_quality_gate_flags_an_untrained_cell_and_keeps_it_out_of_the_tests(run_
     res = run_stage("04_initialization_ablation", run_copy, max_fvu=0.01, n_boot=100,
                     synthetic_tokens=1280)  # no smoke model reconstructs this well
     assert all(res["quality_gate"].values()) and res["falsification"] == []
-    assert len(res["tests_skipped"]) == 4 and res["verdict"].startswith("no test could run")
+    assert len(res["tests_skipped"]) == 10 and res["verdict"].startswith("no test could run")
     assert "held-out FVU" in res["tests_skipped"][0]
 
 

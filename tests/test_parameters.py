@@ -19,7 +19,7 @@ PROFILES = sorted(p.stem for p in (ROOT / "params").glob("*.yaml"))
 @pytest.mark.parametrize("call,match", [
     (lambda x: sae.TopKSAE(8, 4, 5), "k=5"),
     (lambda x: starts.make_sae("topk", "kmeans-typo", x, 8, 2, 0), "init='kmeans-typo'.*kmeans-shared"),
-    (lambda x: starts.make_sae("topk", "random-points", x, 8, 2, 0), "init='random-points'"),
+    (lambda x: starts.make_sae("topk", "kmeans", x, 8, 2, 0), "init='kmeans'"),
     (lambda x: starts.make_sae("mlp", "random", x, 8, 2, 0), "arch='mlp'.*topk"),
     (lambda x: sae.RelaxedArchetypalSAE(8, 4, 2, torch.randn(4, 8), delta=-1.0), "delta=-1.0"),
     (lambda x: starts.make_sae("ra", "random", torch.where(x > 0, x, torch.nan), 8, 2, 0), "NaN"),

@@ -33,3 +33,14 @@ def test_start_scale_matches_the_data_and_keeps_every_selected_latent(data):
         recon = scaled.decode(v1, i1).detach() - (scaled.b_pre.detach() if arch == "topk" else 0)
         target = data - (scaled.b_pre.detach() if arch == "topk" else 0)
         assert float(recon.norm() / target.norm()) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_whether_atoms_carry_the_mean_is_read_from_the_model():
+    x = torch.randn(200, 8) + 5
+    build = lambda arch, init, decoder, pre_bias: starts.make_sae(  # noqa: E731
+        arch, init, x, 8, 2, 0, 8, 1.0, decoder, pre_bias=pre_bias)
+    assert sae.atoms_carry_mean(build("ra", "random-points", "projected", True))  # points, no bias
+    assert sae.atoms_carry_mean(build("ra", "kmeans-shared", "relax", True))  # free rows, no bias
+    assert sae.atoms_carry_mean(build("topk", "kmeans-shared", "free", False))
+    assert not sae.atoms_carry_mean(build("topk", "kmeans-shared", "free", True))  # b_pre absorbs it
+    assert not sae.atoms_carry_mean(build("topk", "random", "unit", False))  # unit directions

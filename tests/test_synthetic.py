@@ -24,3 +24,14 @@ def test_synthetic_dictionary_is_recovered_by_itself_and_not_by_noise():
     assert x.shape == (1000, 16) and float(x.mean(0).norm()) > 5
     assert synthetic.recovery(true, true) == 1.0
     assert synthetic.recovery(random_dict(32, 16, 5), true) < 0.1
+
+
+def test_one_reading_rule_scores_one_model_built_through_two_names_the_same():
+    # the authors' two controls are one model (a free-row decoder started at the shared centroids,
+    # no pre-bias); read by the model, not by its family name, they must score the same
+    out = synthetic.synthetic_control(
+        ["ra-projection-off-free", "topk-kmeans-shared-free"], [0, 1], n_tokens=4096, d=16,
+        n_atoms=16, k=2, mean_norm=10.0, seed=0, batch_size=256, lr=5e-3, pre_bias=False,
+        center_encoder=False, device="cpu")
+    a, b = out["ra-projection-off-free"], out["topk-kmeans-shared-free"]
+    assert a == b

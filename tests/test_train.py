@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ablation import configs, metrics, sae, starts, store, train
+from ablation import configs, metrics, parameters, sae, starts, store, train
 from conftest import stacked, train_runs
 
 
@@ -274,3 +274,24 @@ def test_a_trainer_restored_from_its_state_continues_bit_for_bit(data, arch, tmp
         assert torch.equal(whole.params[n], resumed.params[n]), n
     assert torch.equal(torch.stack(whole.losses), torch.stack(resumed.losses))
     assert torch.equal(whole.dictionaries(), resumed.dictionaries())
+
+
+@pytest.mark.parametrize("arch,init", [("topk", "random"), ("ra", "random-points")])
+def test_bfloat16_matmuls_train_as_well_reproducibly_and_keep_float32_state(data, arch, init):
+    _, full = train_runs(arch, init, data, steps=40)
+    models, half = train_runs(arch, init, data, steps=40, precision="bfloat16")
+    _, again = train_runs(arch, init, data, steps=40, precision="bfloat16")
+    assert torch.equal(half["loss"], again["loss"]) and torch.equal(half["dictionaries"], again["dictionaries"])
+    assert not torch.equal(half["loss"], full["loss"])  # the matmuls did run in bfloat16
+    assert all(p.dtype == torch.float32 for m in models for p in m.parameters())
+    # same training, within the precision's noise: the final losses agree to a few percent
+    assert torch.allclose(half["loss"][-5:].mean(0), full["loss"][-5:].mean(0), rtol=0.05)
+    assert (half["loss"][-5:].mean(0) < 0.8 * half["loss"][:5].mean(0)).all()
+
+
+def test_an_unknown_precision_is_refused_and_emulated_bfloat16_warns(monkeypatch):
+    with pytest.raises(ValueError, match=r"precision='float16' is not allowed; choose one of \['float32', 'bfloat16'\]"):
+        train.check_precision("float16", torch.device("cpu"))
+    monkeypatch.setattr(parameters, "native_bf16", lambda device: False)
+    with pytest.warns(UserWarning, match="no native bfloat16 matmul"):
+        assert train.check_precision("bfloat16", torch.device("cpu")) == torch.bfloat16
