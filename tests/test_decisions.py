@@ -80,9 +80,13 @@ def test_the_verdict_over_training_and_where_each_sign_settles():
     assert f["end_difference"] == pytest.approx(-0.03)
 
 
+def cell(start: float, end: float) -> dict:
+    """A cell whose every run pair is at distance start at step 0 and end at its end (both metrics)."""
+    m = np.stack([pair_matrix(np.full(4, v / 2)) for v in (start, end)])
+    return {"mean_min": m, "hungarian": m}
+
+
 def test_tests_skip_excluded_cells_and_the_verdict_follows_them():
-    steps = lambda start, end: np.stack([pair_matrix(np.full(4, v / 2)) for v in (start, end)])  # noqa: E731
-    cell = lambda start, end: {"mean_min": steps(start, end), "hungarian": steps(start, end)}  # noqa: E731
     traj = {("topk-random", "raw"): cell(0.7, 0.4), ("ra-kmeans-independent", "raw"): cell(0.05, 0.08),
             ("ra-random-points", "raw"): cell(0.3, 0.1)}
     tests, skipped = decisions.falsification_tests(traj, ["raw"], {}, 0.05, 200, 0)
@@ -109,8 +113,6 @@ def test_tests_skip_excluded_cells_and_the_verdict_follows_them():
 
 
 def test_start_matched_controls_separate_the_start_from_the_constraint():
-    steps = lambda start, end: np.stack([pair_matrix(np.full(4, v / 2)) for v in (start, end)])  # noqa: E731
-    cell = lambda start, end: {"mean_min": steps(start, end), "hungarian": steps(start, end)}  # noqa: E731
     # archetypal runs end far closer than TopK from random starts, but exactly as close as TopK
     # started at the same random points: the closeness is the start's, not the constraint's
     traj = {("topk-random", "centered"): cell(0.7, 0.4), ("ra-random-points", "centered"): cell(0.3, 0.2),
