@@ -192,8 +192,7 @@ def _listing(rows: Sequence[dict]) -> str:
                      for r in rows)
 
 
-def verdict(falsification: list[dict], stabilization: list[dict], skipped: Sequence[str] = (),
-            margin: float | None = None) -> str:
+def verdict(falsification: list[dict], stabilization: list[dict], skipped: Sequence[str] = ()) -> str:
     """The verdict, built from the outcomes of the Hungarian comparisons under the margin: each
     comparison named with its outcome and interval, then what they say together."""
     hung = [t for t in falsification if t["metric"] == "hungarian"]
@@ -201,7 +200,7 @@ def verdict(falsification: list[dict], stabilization: list[dict], skipped: Seque
         return ("no test could run: the quality gate excluded " + "; ".join(skipped) + "."
                 if skipped else "not tested: the grid has no archetypal configuration beside the "
                 "TopK SAE it is compared with.")
-    margin = margin if margin is not None else hung[0]["margin"]
+    margin = hung[0]["margin"]  # every row carries the margin it was decided against
     base = [t for t in hung if t["comparison"] == "against topk-random"]
     matched = [t for t in hung if t["comparison"] == "matched start"]
     parts = [f"Decided against a margin of {margin:g} in Hungarian cosine distance (95% intervals "
