@@ -3,53 +3,92 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
-/* Exact top-k of every row of x (rows x n, k <= n): values and column indices, indices ascending. */
+/* Exact top-k of one row (n values, k <= n) into bv, bi: indices ascending; cv: 2 n + 32,
+   ci: n + 16 scratch.
+   t, a value <= the k-th largest, is the smallest of k group maxima (k disjoint groups); only
+   values >= t are candidates. With AVX-512, the groups are the 16 lanes (when k <= 16 and n is a
+   multiple of 16) and candidates are compressed in registers; the result is the same either way. */
+static void topk_row(const float *row, int64_t n, int64_t k, float *bv, int64_t *bi, float *cv, int64_t *ci) {
+    int64_t cnt = 0, m = 0; float t = INFINITY;
+#ifdef __AVX512F__
+    if (k <= 16 && n % 16 == 0) {
+        __m512 mx = _mm512_loadu_ps(row);
+        for (int64_t j = 16; j < n; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(row + j));
+        float lanes[16]; _mm512_storeu_ps(lanes, mx);
+        for (int c = 0; c < 16; c++) t = fminf(t, lanes[c]);  /* 16 >= k groups: still <= k-th */
+        __m512 tv = _mm512_set1_ps(t); __m512i j16 = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+        for (int64_t j = 0; j < n; j += 16) {  /* register compress, then a full store (fast on every AVX-512 CPU) */
+            __m512 v = _mm512_loadu_ps(row + j);
+            __mmask16 mk = _mm512_cmp_ps_mask(v, tv, _CMP_GE_OQ);
+            if (!mk) continue;
+            __m512i cj = _mm512_maskz_compress_epi32(mk, _mm512_add_epi32(j16, _mm512_set1_epi32((int)j)));
+            _mm512_storeu_ps(cv + cnt, _mm512_maskz_compress_ps(mk, v));
+            _mm512_storeu_si512(ci + cnt, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(cj)));
+            _mm512_storeu_si512(ci + cnt + 8, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(cj, 1)));
+            cnt += __builtin_popcount(mk);
+        }
+    } else
+#endif
+    {
+        int64_t len = n / k;
+        for (int64_t c = 0; c < k; c++) {  /* k contiguous blocks */
+            float b = row[c * len];
+            for (int64_t j = c * len + 1; j < (c + 1) * len; j++) b = fmaxf(b, row[j]);
+            t = fminf(t, b);
+        }
+        for (int64_t j = 0; j < n; j++) { cv[cnt] = row[j]; ci[cnt] = j; cnt += (row[j] >= t); }
+    }
+    /* the k-th largest candidate by quickselect on a copy; then the candidates above it, and
+       those equal to it by index until k are taken, come out in index order */
+    float *sel = cv + n + 16; int64_t lo = 0, hi = cnt - 1, target = k - 1;
+    memcpy(sel, cv, sizeof(float) * cnt);
+    while (lo < hi) {
+        float pivot = sel[lo + (hi - lo) / 2]; int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (sel[i] > pivot) i++;
+            while (sel[j] < pivot) j--;
+            if (i <= j) { float tmp = sel[i]; sel[i] = sel[j]; sel[j] = tmp; i++; j--; }
+        }
+        if (target <= j) hi = j; else if (target >= i) lo = i; else break;
+    }
+    float kth = cnt >= k ? sel[target] : NAN;
+    int64_t above = 0;
+    for (int64_t c = 0; c < cnt; c++) above += cv[c] > kth;
+    for (int64_t c = 0, eq = k - above; c < cnt && m < k; c++) {
+        int take = cv[c] > kth || (cv[c] == kth && eq > 0);
+        if (take) { eq -= !(cv[c] > kth); bv[m] = cv[c]; bi[m] = ci[c]; m++; }
+    }
+    for (; m < k; m++) { bv[m] = NAN; bi[m] = m; }  /* only with NaN input: stay in bounds */
+}
+
+/* Exact top-k of every row of x (rows x n, float32): values (float32) and indices, ascending. */
 void topk_rows(const float *x, int64_t rows, int64_t n, int64_t k, float *vals, int64_t *idx, int nt) {
     #pragma omp parallel num_threads(nt)
     {
-        float *cv = malloc(sizeof(float) * (n + 1)); int64_t *ci = malloc(sizeof(int64_t) * (n + 1));
+        float *cv = malloc(sizeof(float) * (2 * n + 32)); int64_t *ci = malloc(sizeof(int64_t) * (n + 16));
         #pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++) {
-            const float *row = x + r * n;
-            float *bv = vals + r * k; int64_t *bi = idx + r * k;
-            int64_t len = n / k, cnt = 0, m = 0; float t = INFINITY;
-            for (int64_t c = 0; c < k; c++) {  /* t: the smallest of k block maxima, <= the k-th largest */
-                float b = row[c * len];
-                for (int64_t j = c * len + 1; j < (c + 1) * len; j++) b = fmaxf(b, row[j]);
-                t = fminf(t, b);
-            }
-            for (int64_t j = 0; j < n; j++) { cv[cnt] = row[j]; ci[cnt] = j; cnt += (row[j] >= t); }
-            for (int64_t c = 0; c < cnt; c++) {  /* keep the k largest candidates, by value */
-                float v = cv[c]; int64_t p;
-                if (m < k) p = m++;
-                else if (v > bv[k - 1]) p = k - 1;
-                else continue;
-                while (p > 0 && bv[p - 1] < v) { bv[p] = bv[p - 1]; bi[p] = bi[p - 1]; p--; }
-                bv[p] = v; bi[p] = ci[c];
-            }
-            for (; m < k; m++) { bv[m] = NAN; bi[m] = m; }  /* only with NaN input: stay in bounds */
-            for (int64_t a = 1; a < k; a++) {  /* then order them by index */
-                float v = bv[a]; int64_t i = bi[a], p = a;
-                while (p > 0 && bi[p - 1] > i) { bv[p] = bv[p - 1]; bi[p] = bi[p - 1]; p--; }
-                bv[p] = v; bi[p] = i;
-            }
-        }
+        for (int64_t r = 0; r < rows; r++) topk_row(x + r * n, n, k, vals + r * k, idx + r * k, cv, ci);
         free(cv); free(ci);
     }
 }
 
-/* out[r] = sum_s w[r, s] * table[idx[r, s]] */
-void gather_sum(const int64_t *idx, const float *w, const float *table, int64_t rows, int64_t k,
-                int64_t d, float *out, int nt) {
-    #pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t r = 0; r < rows; r++) {
-        float *o = out + r * d;
-        memset(o, 0, sizeof(float) * d);
-        for (int64_t s = 0; s < k; s++) {
-            const float *t = table + idx[r * k + s] * d; float ws = w[r * k + s];
-            for (int64_t j = 0; j < d; j++) o[j] += ws * t[j];
+/* The same for bfloat16 x (the upper 16 bits of a float32): values come back as float32. */
+void topk_rows_bf16(const uint16_t *x, int64_t rows, int64_t n, int64_t k, float *vals, int64_t *idx, int nt) {
+    #pragma omp parallel num_threads(nt)
+    {
+        float *cv = malloc(sizeof(float) * (2 * n + 32)), *row = malloc(sizeof(float) * n);
+        int64_t *ci = malloc(sizeof(int64_t) * (n + 16));
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const uint16_t *src = x + r * n;
+            for (int64_t j = 0; j < n; j++) { uint32_t u = (uint32_t)src[j] << 16; memcpy(row + j, &u, 4); }
+            topk_row(row, n, k, vals + r * k, idx + r * k, cv, ci);
         }
+        free(cv); free(row); free(ci);
     }
 }
 
@@ -64,18 +103,6 @@ void gather_dot(const int64_t *idx, const float *a, const float *table, int64_t 
             for (int64_t j = 0; j < d; j++) acc += ar[j] * t[j];
             out[r * k + s] = acc;
         }
-    }
-}
-
-/* In place, every row: w <- relu(w) / (sum of relu(w) + 1e-8), the RA-SAE simplex projection. */
-void simplex_rows(float *w, int64_t rows, int64_t n, int nt) {
-    #pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t r = 0; r < rows; r++) {
-        float *row = w + r * n, s = 0.f;
-        #pragma omp simd reduction(+:s)
-        for (int64_t j = 0; j < n; j++) { row[j] = fmaxf(row[j], 0.f); s += row[j]; }
-        s += 1e-8f;
-        for (int64_t j = 0; j < n; j++) row[j] /= s;
     }
 }
 

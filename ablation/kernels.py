@@ -1,4 +1,5 @@
-"""Sparse CPU kernels (kernels.c) behind a guard that falls back to torch."""
+"""Sparse CPU kernels: C (kernels.c) where it beats torch by a measured margin, torch elsewhere
+and as the fallback (benchmarks/bench_kernels.py measures both)."""
 
 from __future__ import annotations
 
@@ -80,32 +81,39 @@ def _check_sparse(op: str, idx: torch.Tensor, *dense: torch.Tensor) -> None:
                          f"{sorted({str(t.device) for t in (idx, *dense)})}")
 
 
-def _use_c(*tensors: torch.Tensor, table_rows: int | None = None, idx: torch.Tensor | None = None) -> bool:
-    """True when the compiled kernels can take these tensors exactly as they are: float32 (and
-    an int64 idx) contiguous CPU tensors needing no grad, every index inside the table."""
+def _check_bounds(idx: torch.Tensor, table_rows: int) -> None:
+    """Raise an IndexError when idx points outside 0..table_rows-1 (no kernel reads out of bounds)."""
+    if idx.numel() and idx.device.type != "meta":
+        lo, hi = (int(v) for v in torch.aminmax(idx))
+        if lo < 0 or hi >= table_rows:
+            raise IndexError(f"idx holds {lo if lo < 0 else hi}, outside 0..{table_rows - 1}")
+
+
+def _use_c(*tensors: torch.Tensor, idx: torch.Tensor | None = None,
+           dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+    """True when the compiled kernels can take these tensors exactly as they are: contiguous CPU
+    tensors of one of ``dtypes`` needing no grad (and an int64 contiguous CPU idx)."""
     if _compiled_kernels() is None:
         return False
     ok = all(t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad
-             and t.dtype == torch.float32 for t in tensors)
+             and t.dtype in dtypes for t in tensors)
     if ok and idx is not None:
         ok = idx.device.type == "cpu" and idx.is_contiguous() and idx.dtype == torch.int64
-        if ok and idx.numel() and table_rows is not None:
-            lo, hi = (int(v) for v in torch.aminmax(idx))
-            if lo < 0 or hi >= table_rows:
-                raise IndexError(f"idx holds {lo if lo < 0 else hi}, outside 0..{table_rows - 1}")
     return ok
 
 
 def topk_rows(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k values and indices of every row of a 2-D tensor, indices ascending within a row."""
+    """Top-k values and indices of every row of a 2-D tensor, indices ascending within a row
+    (float32 and bfloat16 rows: values come back float32 from the C kernel)."""
     if not isinstance(pre, torch.Tensor) or pre.dim() != 2 or not pre.is_floating_point():
         raise TypeError("topk_rows: pre must be a 2-D floating-point tensor")
     if not 1 <= k <= pre.shape[1]:
         raise ValueError(f"topk_rows: k={k} must lie in 1..{pre.shape[1]} (the row length)")
-    if _use_c(pre):
+    if _use_c(pre, dtypes=(torch.float32, torch.bfloat16)):
         vals = torch.empty(len(pre), k)
         idx = torch.empty(len(pre), k, dtype=torch.int64)
-        _c_call("topk_rows", pre, len(pre), pre.shape[1], k, vals, idx)
+        _c_call("topk_rows" if pre.dtype == torch.float32 else "topk_rows_bf16", pre, len(pre),
+                pre.shape[1], k, vals, idx)
         return vals, idx
     vals, idx = pre.topk(k, dim=-1, sorted=False)
     idx, order = idx.sort(dim=-1)
@@ -115,23 +123,18 @@ def topk_rows(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def simplex_rows_(w: torch.Tensor) -> None:
     """In place, every row (last axis): w <- relu(w) / (row sum + 1e-8)."""
-    if _use_c(w):
-        _c_call("simplex_rows", w, w.numel() // w.shape[-1], w.shape[-1])
-    else:
-        w.clamp_(min=0)
-        w.div_(w.sum(-1, keepdim=True) + 1e-8)
+    w.clamp_(min=0)
+    w.div_(w.sum(-1, keepdim=True) + 1e-8)
 
 
 def gather_sum(idx: torch.Tensor, w: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """out[r] = sum_s w[r, s] * table[idx[r, s]]: a sparse decode."""
+    """out[r] = sum_s w[r, s] * table[idx[r, s]]: a sparse decode (torch's embedding_bag, which
+    beats the C loop this project had: benchmarks/bench_kernels.py)."""
     _check_sparse("gather_sum", idx, w, table)
     if w.shape != idx.shape or table.dim() != 2:
         raise ValueError(f"gather_sum: w {tuple(w.shape)} must match idx {tuple(idx.shape)}, "
                          f"table must be 2-D, got {tuple(table.shape)}")
-    if _use_c(w, table, idx=idx, table_rows=len(table)):
-        out = torch.empty(len(idx), table.shape[1])
-        _c_call("gather_sum", idx, w, table, len(idx), idx.shape[1], table.shape[1], out)
-        return out
+    _check_bounds(idx, len(table))
     return F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")
 
 
@@ -141,7 +144,8 @@ def gather_dot(idx: torch.Tensor, a: torch.Tensor, table: torch.Tensor) -> torch
     if table.dim() != 2 or a.shape != (len(idx), table.shape[1]):
         raise ValueError(f"gather_dot: a {tuple(a.shape)} must be (rows of idx, columns of table) "
                          f"= ({len(idx)}, {table.shape[-1]})")
-    if _use_c(a, table, idx=idx, table_rows=len(table)):
+    _check_bounds(idx, len(table))
+    if _use_c(a, table, idx=idx):
         out = torch.empty(idx.shape)
         _c_call("gather_dot", idx, a, table, len(idx), idx.shape[1], table.shape[1], out)
         return out
@@ -156,10 +160,13 @@ def scatter_sum2(idx: torch.Tensor, n_out: int, w1: torch.Tensor, a1: torch.Tens
             or a1.dim() != 2 or len(a1) != len(idx):
         raise ValueError("scatter_sum2: w1 and w2 must match idx, a1 and a2 must be (rows of idx, d)")
     d = a1.shape[1]
-    if _use_c(w1, a1, w2, a2, idx=idx, table_rows=n_out):
+    _check_bounds(idx, n_out)
+    if _use_c(w1, a1, w2, a2, idx=idx):
         out1, out2 = torch.empty(n_out, d), torch.empty(n_out, d)
         _c_call("scatter_sum2", idx, len(idx), idx.shape[1], n_out, d, w1, a1, out1, w2, a2, out2)
         return out1, out2
-    rows = idx.reshape(-1).long()
-    return tuple(torch.zeros(n_out, d, device=a.device, dtype=a.dtype).index_add_(
-        0, rows, (w.unsqueeze(-1) * a.unsqueeze(1)).reshape(-1, d)) for w, a in ((w1, a1), (w2, a2)))
+    k, n = idx.shape[1], len(idx)
+    coords = torch.stack([idx.reshape(-1).long(), torch.arange(n, device=idx.device).repeat_interleave(k)])
+    return tuple(torch.sparse.mm(torch.sparse_coo_tensor(coords, w.reshape(-1), (n_out, n),
+                                                         check_invariants=False), a)
+                 for w, a in ((w1, a1), (w2, a2)))

@@ -1,5 +1,8 @@
 """Speed of the sparse kernels on the trainer's shapes: C (kernels.c) against torch and numba.
 
+Torch runs each op in float32 and in bfloat16 (the C kernels take float32 only). A C kernel is
+worth keeping when it beats the faster torch precision by KEEP_C_MARGIN; the JSON says which do.
+
 Each kernel runs on the inputs one default-profile training step gives it (4 seeds stacked, 1024
 tokens, 512 latents, k = 16, d = 128), best of ``--repeats`` timings, alternating the backends so
 machine noise hits all of them. numba is timed when it is importable (it is not a dependency of
@@ -19,6 +22,8 @@ import numpy as np
 import torch
 
 from ablation import kernels
+
+KEEP_C_MARGIN = 1.2  # C stays where it is at least this many times faster than torch
 
 
 def numba_kernels() -> dict | None:
@@ -89,10 +94,18 @@ def main() -> None:
     w, w2 = torch.rand(s * b, k, generator=gen), torch.randn(s * b, k, generator=gen)
     rows, rows2 = torch.randn(s * b, d, generator=gen), torch.randn(s * b, d, generator=gen)
     table = torch.randn(s * n, d, generator=gen)
-    calls = {"topk_rows": lambda: kernels.topk_rows(pre, k),
-             "gather_sum": lambda: kernels.gather_sum(idx, w, table),
-             "gather_dot": lambda: kernels.gather_dot(idx, rows, table),
-             "scatter_sum2": lambda: kernels.scatter_sum2(idx, s * n, w, rows, w2, rows2)}
+    codes = torch.rand(s * b, n, generator=gen)
+
+    def kernel_calls(dt: torch.dtype) -> dict:
+        """Each kernel on the step's inputs cast to dt."""
+        p_, w_, w2_, r_, r2_, t_, c_ = (x.to(dt) for x in (pre, w, w2, rows, rows2, table, codes))
+        return {"topk_rows": lambda: kernels.topk_rows(p_, k),
+                "gather_sum": lambda: kernels.gather_sum(idx, w_, t_),
+                "gather_dot": lambda: kernels.gather_dot(idx, r_, t_),
+                "scatter_sum2": lambda: kernels.scatter_sum2(idx, s * n, w_, r_, w2_, r2_),
+                "simplex_rows": lambda: kernels.simplex_rows_(c_.clone())}
+
+    calls, bf16_calls = kernel_calls(torch.float32), kernel_calls(torch.bfloat16)
     out = {"shapes": {"rows": s * b, "n": n, "k": k, "d": d}, "threads": torch.get_num_threads(),
            "C": kernels.kernel_backend() == "C"}
     nb = numba_kernels()
@@ -116,22 +129,25 @@ def main() -> None:
         assert np.allclose(gs, calls["gather_sum"]().numpy(), atol=1e-4)
         assert np.allclose(o1, calls["scatter_sum2"]()[0].numpy(), atol=1e-3)
     for name, call in calls.items():
-        c_t, torch_t, nb_t = [], [], []
+        c_t, torch_t, bf_t, nb_t = [], [], [], []
         for _ in range(3):  # alternate the backends
             c_t.append(best_of(call, a.repeats))
             kernels._KERNELS[:] = [None]  # the torch path
             torch_t.append(best_of(call, a.repeats))
+            bf_t.append(best_of(bf16_calls[name], a.repeats))
             kernels._KERNELS.clear()
-            if nb is not None:
+            if nb is not None and name in nb_calls:
                 nb_t.append(best_of(nb_calls[name], a.repeats))
-        row = {"C_ms": 1e3 * min(c_t), "torch_ms": 1e3 * min(torch_t)}
+        row = {"C_ms": 1e3 * min(c_t), "torch_ms": 1e3 * min(torch_t), "torch_bf16_ms": 1e3 * min(bf_t)}
+        row["C_speedup"] = min(row["torch_ms"], row["torch_bf16_ms"]) / row["C_ms"]
         if nb_t:
             row["numba_ms"] = 1e3 * min(nb_t)
             row["numba_speed_vs_C"] = row["C_ms"] / row["numba_ms"]
         out[name] = row
         print(f"{name:>13}: " + ", ".join(f"{key} {v:.3f}" for key, v in row.items()))
     if nb is not None:
-        out["numba_keeps_90_percent"] = all(out[n_]["numba_speed_vs_C"] >= 0.9 for n_ in calls)
+        out["numba_keeps_90_percent"] = all(out[n_]["numba_speed_vs_C"] >= 0.9 for n_ in nb_calls)
+    out["keep_C"] = sorted(n_ for n_ in calls if out[n_]["C_speedup"] >= KEEP_C_MARGIN)
     print(json.dumps(out))
 
 

@@ -93,3 +93,13 @@ def test_inputs_off_the_cpu_never_reach_the_c_kernels():
     assert out.device.type == "meta" and out.shape == (12, 8)
     vals, top = kernels.topk_rows(table.to("meta"), 3)
     assert vals.device.type == "meta" and top.shape == (20, 3)
+
+
+def test_bfloat16_rows_give_the_float32_selection():
+    gen = torch.Generator().manual_seed(3)
+    pre = torch.stack([torch.randperm(256, generator=gen) for _ in range(40)]).float() - 100.0
+    vals, idx = kernels.topk_rows(pre.bfloat16(), 16)  # integers below 256 are exact in bf16
+    assert vals.dtype == torch.float32
+    assert torch.equal(idx, kernels.topk_rows(pre, 16)[1])
+    assert torch.equal(idx, pre.topk(16, -1).indices.sort(-1).values)
+    assert torch.equal(vals, pre.gather(1, idx))
