@@ -15,7 +15,7 @@ ARTIFACTS_00_language_model := $(wildcard $(RUN_DIR)/model/*)
 ARTIFACTS_01_cache_activations := $(wildcard $(RUN_DIR)/acts_*)
 ARTIFACTS_02_train_saes := $(wildcard $(RUN_DIR)/saes/*)
 
-.PHONY: setup test test-fast report lab bench clean
+.PHONY: setup test test-fast report lab bench precision-study clean
 .DELETE_ON_ERROR:
 
 setup: $(STAMP)
@@ -65,6 +65,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_cache.py
+	$(PY) benchmarks/bench_scheduler.py --profile default
+	$(PY) benchmarks/bench_scheduler.py --profile smollm2 --d 576 --steps 60
+
+# bfloat16 against float32 on the default profile's cache (after `make report`): report/precision_study.json
+precision-study: runs/default/01_cache_activations.json | $(STAMP)
+	$(PY) benchmarks/precision_study.py
 
 clean:
 	rm -rf runs/ report/smoke/ .pytest_cache __pycache__ tests/__pycache__

@@ -21,7 +21,7 @@ from ablation.plots import (  # noqa: F401
     STYLES, plot_tests_over_training, plot_trajectories, save_figure, set_style,
 )
 from ablation.store import (  # noqa: F401
-    cached_result, code_hash, lock_run_dir, read_meta, write_json_atomic,
+    cached_result, claim_run_dir, code_hash, lock_run_dir, read_meta, write_json_atomic,
 )
 
 # 00 · language model
@@ -44,8 +44,9 @@ from ablation.starts import kmeans_centroids, make_sae  # noqa: F401
 from ablation.train import train_saes  # noqa: F401
 from ablation.convergence import convergence_row  # noqa: F401
 from ablation.grid import (  # noqa: F401
-    fvu_of_mse, load_cell, start_scale_effect, train_cell, training_set,
+    CellJob, fvu_of_mse, load_cell, start_scale_effect, train_cell, training_set,
 )
+from ablation.cluster import cell_runner, local_workers, map_cells  # noqa: F401
 
 # 03 · galaxy far away
 from ablation.metrics import fvu, hungarian_cosine_distance, scalar_mean_r2  # noqa: F401

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -13,10 +15,11 @@ from torch import nn
 from .activations import fit_sample
 from .configs import CONFIGURATIONS
 from .convergence import convergence, decay_steps, full_rate_steps
+from .memory import trim_heap_every
 from .metrics import pair_matrices
 from .sae import RelaxedArchetypalSAE, TopKSAE, match_start_scale_
 from .starts import make_sae
-from .store import load_result, meta_matches, temp_path
+from .store import cached_result, cell_lock, load_result, meta_matches, temp_path
 from .train import SAETrainer, decay_schedule, train_saes
 
 
@@ -159,9 +162,55 @@ def train_cell(name: str, prep: str, data: np.ndarray | torch.Tensor, sample: to
             "state_dicts": [m.state_dict() for m in models], "mean": mu, "start_scale": scales}
 
 
+@dataclass(frozen=True)
+class CellJob:
+    """Everything one process needs to train (or find saved) one cell of the grid."""
+
+    run_dir: str  # the profile's run folder; the cell goes to run_dir/saes/
+    name: str  # the configuration (configs.CONFIGURATIONS)
+    prep: str  # "raw" or "centered"
+    cache: str  # the training activations (.npy, verified by notebook 01), read by memory map
+    seeds: tuple[int, ...]  # one run per seed
+    meta: dict  # the cell's cache key: parameters, the activation cache's metadata, the code
+    train: dict  # train_cell's keywords
+    train_tokens: int = 0  # training_set's size (0: the whole cache)
+    n_fit_tokens: int = 50_000  # the fit sample's size
+    seed: int = 0  # the fit sample's and the training set's seed
+    shared_points: torch.Tensor | None = field(default=None, compare=False)  # kmeans-shared starts
+    threads: int = 0  # torch threads while this cell trains; 0: as the process has them
+
+
+def cell_file(run_dir: str | os.PathLike, name: str, prep: str, suffix: str = ".safetensors") -> Path:
+    """Where a cell (suffix .safetensors), its checkpoint (.ckpt) or its lock lives."""
+    return Path(run_dir) / "saes" / f"{name}__{prep}{suffix}"
+
+
+def run_cell(job: CellJob) -> dict:
+    """Train one cell, or load it when saved for job.meta, holding the cell's lock; return what
+    notebook 02 tabulates: the loss curve, the clipped share, the convergence record, seconds."""
+    started, before = time.perf_counter(), torch.get_num_threads()
+    trim_heap_every()  # a worker process trims its heap as a notebook's does (memory.py)
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    path = cell_file(job.run_dir, job.name, job.prep)
+    try:
+        with cell_lock(path):
+            data = training_set(np.load(job.cache, mmap_mode="r"), job.train_tokens, job.seed)
+            sample = fit_sample(data, job.n_fit_tokens, job.seed)
+            ckpt = cell_file(job.run_dir, job.name, job.prep, ".ckpt")  # resumed from if interrupted
+            res = cached_result(path, job.meta, lambda: train_cell(
+                job.name, job.prep, data, sample, list(job.seeds), shared_points=job.shared_points,
+                checkpoint=ckpt, meta=job.meta, **job.train))
+            ckpt.unlink(missing_ok=True)  # the cell is saved whole
+    finally:
+        torch.set_num_threads(before)
+    return {"loss": res["loss"], "clipped": res["clipped"], "convergence": res["convergence"],
+            "seconds": time.perf_counter() - started}
+
+
 def load_cell(run_dir: str | os.PathLike, name: str, prep: str) -> dict:
     """A cell saved by notebook 02, verified; a clear error when it is missing or corrupt."""
-    path = Path(run_dir) / "saes" / f"{name}__{prep}.safetensors"
+    path = cell_file(run_dir, name, prep)
     cell = load_result(path, {})
     if cell is None:
         raise FileNotFoundError(f"{path} is missing or corrupt: run notebook 02 with "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import math
+import re
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
@@ -113,6 +114,15 @@ def _seeds_ok(seeds: object) -> bool:
         return False
 
 
+SCHEDULERS = ("local", "serial")  # besides a Dask scheduler's address
+
+
+def is_scheduler(v: object) -> bool:
+    """True for 'local', 'serial' or a Dask scheduler address (protocol://host:port)."""
+    return isinstance(v, str) and (v in SCHEDULERS or bool(
+        re.fullmatch(r"(tcp|tls|inproc|ucx|ws|wss)://\S+:\d+", v)))
+
+
 def _is_device(v: object) -> bool:
     """True for 'auto', 'cpu', 'cuda' and 'cuda:N'."""
     return v in ("auto", "cpu", "cuda") or (isinstance(v, str) and v.startswith("cuda:")
@@ -130,6 +140,7 @@ _STR = ((lambda v: isinstance(v, str) and bool(v)), "a non-empty string")
 _DTYPE = ((lambda v: v in ("float32", "float16")), "'float32' or 'float16'")
 _DEVICE = (_is_device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
 _PRECISION = ((lambda v: v in PRECISIONS), f"one of {list(PRECISIONS)}")
+_SCHEDULER = (is_scheduler, "'local', 'serial' or a Dask scheduler address such as 'tcp://10.0.0.5:8786'")
 _CONFIGS = (_subset(list(CONFIGURATIONS)), f"a list of distinct names from {list(CONFIGURATIONS)}")
 _PREPS = (_subset(PREPROCESSING), f"a list of distinct names from {list(PREPROCESSING)}")
 _SEEDS = ((lambda v: isinstance(v, list) and _seeds_ok(v)), "a list of distinct integers >= 0")
@@ -187,6 +198,8 @@ PARAMETERS: dict[str, Parameter] = {
     "max_sae_tokens": P('32_000_000', _POS, 'the cap: tokens at the full rate after which a run that has not converged stops, flagged'),
     "sae_batch_size": P('1024', _POS, 'tokens per step'),
     "precision": P('"float32"', _PRECISION, '"float32" or "bfloat16": the SAE encoder\'s matmul precision (parameters, Adam, loss and metrics stay float32)'),
+    "scheduler": P('"serial"', _SCHEDULER, '"serial": cells one after another in this process, with all its threads (the faster on 2 cores: benchmarks/bench_scheduler.py); "local": in parallel on a Dask LocalCluster of single-thread worker processes; or a Dask scheduler\'s address (tcp://host:port), e.g. one started by dask-jobqueue'),
+    "workers": P('0', _NONNEG, 'worker processes of the "local" cluster; 0: one per CPU core'),
     "sae_lr": P('5e-3', _POSITIVE, "Adam learning rate (the authors' rate)"),
     "lr_decay": P('0.2', _SHARE, 'final share of all steps over which the learning rate falls linearly to 0 (for the grid: after convergence)'),
     "clip_grad": P('1.0', _CLIP, "per-run gradient-norm clip, as overcomplete's train_sae; 0: off"),

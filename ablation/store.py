@@ -9,7 +9,8 @@ import os
 import sys
 import uuid
 from pathlib import Path
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -199,24 +200,34 @@ def cached_result(path: str | os.PathLike, meta: dict, compute: Callable[[], dic
     return {**out, "meta": meta}
 
 
-def lock_run_dir(run_dir: str | os.PathLike, profile: str = "default"):
-    """Hold an exclusive lock on run_dir/.lock for as long as the returned file stays open.
-
-    A second run on the same folder fails at once with a message naming the lock and its holder,
-    instead of racing the first one. The lock goes when the process ends (the kernel exits). The
-    folder belongs to the profile that first ran in it (run_dir/profile.json): a run of another
-    profile stops before it can replace that profile's models, caches or cells.
-    """
-    import fcntl
-
-    path = Path(run_dir) / ".lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    owner = read_meta(path.parent / "profile.json")
+def claim_run_dir(run_dir: str | os.PathLike, profile: str = "default") -> None:
+    """Make run_dir this profile's folder (run_dir/profile.json); stop, naming both profiles, when
+    it belongs to another, before this run can replace that profile's models, caches or cells."""
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    owner = read_meta(path / "profile.json")
     if owner is not None and owner.get("profile") != profile:
         raise RuntimeError(
             f"the run folder {run_dir} holds the results of profile {owner.get('profile')!r}; this "
             f"run is profile {profile!r}. Run it in its own folder (run_dir=None gives "
             f"runs/{profile}), or delete {run_dir} to give that folder to {profile!r}")
+    if owner is None:
+        write_json_atomic(path / "profile.json", {"profile": profile})
+
+
+def lock_run_dir(run_dir: str | os.PathLike, profile: str = "default"):
+    """Claim run_dir for the profile, then hold an exclusive lock on run_dir/.lock for as long as
+    the returned file stays open.
+
+    A second run on the same folder fails at once with a message naming the lock and its holder,
+    instead of racing the first one. The lock goes when the process ends (the kernel exits).
+    Notebook 02 locks cell by cell instead (``cell_lock``), so that several processes or jobs can
+    share one folder's grid.
+    """
+    import fcntl
+
+    claim_run_dir(run_dir, profile)
+    path = Path(run_dir) / ".lock"
     f = open(path, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -229,6 +240,21 @@ def lock_run_dir(run_dir: str | os.PathLike, profile: str = "default"):
     f.truncate(0)
     f.write(f"pid {os.getpid()}")
     f.flush()
-    if owner is None:
-        write_json_atomic(path.parent / "profile.json", {"profile": profile})
     return f
+
+
+@contextmanager
+def cell_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on path + '.lock' while the block runs: another process (a Dask
+    worker, a job on a shared filesystem) that wants the same cell waits for it, then finds it
+    saved. The kernel releases the lock when its holder dies, so a killed worker blocks nobody."""
+    import fcntl
+
+    lock = Path(path).with_name(Path(path).name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
