@@ -5,7 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+# notebook 05 (robustness) is a stage of its own: `make robustness`, after the report
+ROBUSTNESS := notebooks/05_robustness.ipynb
+NOTEBOOKS := $(filter-out $(ROBUSTNESS),$(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb)))
 STAGES := $(basename $(notdir $(NOTEBOOKS)))
 RUN_DIR := runs/$(PROFILE)
 COMMITTED := default smollm2 authors authors-smollm2
@@ -14,8 +16,9 @@ COMMITTED := default smollm2 authors authors-smollm2
 ARTIFACTS_00_language_model := $(wildcard $(RUN_DIR)/model/*)
 ARTIFACTS_01_cache_activations := $(wildcard $(RUN_DIR)/acts_*)
 ARTIFACTS_02_train_saes := $(wildcard $(RUN_DIR)/saes/*)
+ARTIFACTS_05_robustness := $(wildcard $(RUN_DIR)/robustness/*/saes/*)
 
-.PHONY: setup test test-fast report lab bench precision-study clean
+.PHONY: setup test test-fast report robustness lab bench precision-study clean
 .DELETE_ON_ERROR:
 
 setup: $(STAMP)
@@ -49,6 +52,10 @@ endef
 # stage i also waits for stage i-1
 $(foreach i,$(shell seq 1 $(words $(STAGES))),$(eval $(call stage,$(word $(i),$(NOTEBOOKS)),\
   $(if $(filter 1,$(i)),,$(RUN_DIR)/$(word $(shell echo $$(($(i)-1))),$(STAGES)).json))))
+
+# the verdict under every variant of the protocol (ablation/variants.py), from the report's cache
+robustness: $(RUN_DIR)/05_robustness.json
+$(eval $(call stage,$(ROBUSTNESS),$(RUN_DIR)/$(lastword $(STAGES)).json))
 
 # an unknown profile: the runner says which profiles exist
 params/%.yaml:

@@ -18,7 +18,7 @@ from ablation.configs import BASELINE, COMPARISONS, CONFIGURATIONS  # noqa: F401
 from ablation.memory import trim_heap_every
 from ablation.parameters import PARAMETERS, resolve_device, resolve_parameters  # noqa: F401
 from ablation.plots import (  # noqa: F401
-    STYLES, plot_tests_over_training, plot_trajectories, save_figure, set_style,
+    STYLES, plot_forest, plot_tests_over_training, plot_trajectories, save_figure, set_style,
 )
 from ablation.store import (  # noqa: F401
     cached_result, claim_run_dir, code_hash, lock_run_dir, read_meta, write_json_atomic,
@@ -44,7 +44,8 @@ from ablation.starts import kmeans_centroids, make_sae  # noqa: F401
 from ablation.train import train_saes  # noqa: F401
 from ablation.convergence import convergence_row  # noqa: F401
 from ablation.grid import (  # noqa: F401
-    CellJob, fvu_of_mse, load_cell, start_scale_effect, train_cell, training_set,
+    TRAIN_KEYS, CellJob, cell_jobs, fvu_of_mse, load_cell, shared_starts, start_scale_effect,
+    train_cell, training_set,
 )
 from ablation.cluster import cell_runner, local_workers, map_cells  # noqa: F401
 
@@ -63,6 +64,11 @@ from ablation.decisions import (  # noqa: F401
     verdict,
 )
 from ablation.labels import AUTHORS_CONDITIONS, AUTHORS_RULES  # noqa: F401
+
+# 05 · robustness: the verdict under every variant of the protocol
+from ablation.parameters import resolve_variant  # noqa: F401
+from ablation.variants import DECISIVE, VARIANTS, forest_rows, slug  # noqa: F401
+from ablation.robustness import variant_tests  # noqa: F401
 
 
 def use_profile(namespace: dict) -> dict:

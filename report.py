@@ -140,11 +140,31 @@ def run(notebook: Path, params: dict, output: Path) -> Path:
     pm.execute_notebook(str(notebook), str(output), parameters=own, cwd=str(ROOT),
                         kernel_name="python3", progress_bar=False, log_output=False,
                         extra_arguments=KERNEL_ARGS)
+    strip_widgets(output)
     produced = ROOT / params["run_dir"] / f"{notebook.stem}.json"
     if produced.exists():
         shutil.copy2(produced, output.with_suffix(".json"))
     export_html(output)
     return output
+
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def strip_widgets(notebook: str | Path) -> None:
+    """Drop progress-widget state from an executed notebook: the saved widget models, and each
+    widget output's view (its text fallback, the finished bar, stays)."""
+    import nbformat
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            data.pop(WIDGET_VIEW, None)
+        if cell.get("outputs"):
+            cell.outputs = [o for o in cell.outputs if o.get("output_type") != "display_data" or o.get("data")]
+    nbformat.write(nb, str(notebook))
 
 
 def export_html(notebook: str | Path) -> Path:

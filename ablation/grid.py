@@ -18,8 +18,8 @@ from .convergence import convergence, decay_steps, full_rate_steps
 from .memory import trim_heap_every
 from .metrics import pair_matrices
 from .sae import RelaxedArchetypalSAE, TopKSAE, match_start_scale_
-from .starts import make_sae
-from .store import cached_result, cell_lock, load_result, meta_matches, temp_path
+from .starts import kmeans_centroids, make_sae
+from .store import cached_result, cell_lock, code_hash, load_result, meta_matches, read_meta, temp_path
 from .train import SAETrainer, decay_schedule, train_saes
 
 
@@ -206,6 +206,48 @@ def run_cell(job: CellJob) -> dict:
         torch.set_num_threads(before)
     return {"loss": res["loss"], "clipped": res["clipped"], "convergence": res["convergence"],
             "seconds": time.perf_counter() - started}
+
+
+TRAIN_KEYS = ("n_latents", "k", "n_candidates", "delta", "min_sae_tokens", "max_sae_tokens",
+              "sae_batch_size", "sae_lr", "lr_decay", "clip_grad", "dead_penalty", "aux_k",
+              "aux_dead_tokens", "match_start_scale", "pre_bias", "center_encoder",
+              "kmeans_shared_seed", "n_log_snapshots", "snapshots_per_doubling",
+              "converge_tolerance", "n_boot", "seed", "device", "precision")  # train_cell's settings
+
+
+def cell_meta(params: dict, cache_dir: str | os.PathLike) -> dict:
+    """What every saved cell is keyed by besides its name, preprocessing and seeds: each setting
+    that changes it (not the device), the activation cache's metadata and the training code."""
+    return {**{k: params[k] for k in TRAIN_KEYS if k != "device"},
+            "train_tokens": params["train_tokens"], "n_fit_tokens": params["n_fit_tokens"],
+            "cache": read_meta(Path(cache_dir) / "acts_train.json"), "code": code_hash(train_cell)}
+
+
+def shared_starts(params: dict, cache_dir: str | os.PathLike, run_dir: str | os.PathLike,
+                  sample: torch.Tensor, preprocessing: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Each preprocessing's k-means centroids that every kmeans-shared run starts from, fitted
+    on the (centered) fit sample once and saved under run_dir/saes/."""
+    meta = {**cell_meta(params, cache_dir), "code": code_hash(kmeans_centroids)}
+    mu = sample.mean(0)
+    return {p: cached_result(cell_file(run_dir, "kmeans-shared", p), {**meta, "preprocessing": p},
+                             lambda: {"centroids": kmeans_centroids(sample - (mu if p == "centered" else 0),
+                                                                    params["n_candidates"],
+                                                                    params["kmeans_shared_seed"])})["centroids"]
+            for p in preprocessing}
+
+
+def cell_jobs(params: dict, cache_dir: str | os.PathLike, run_dir: str | os.PathLike,
+              configurations: Sequence[str], preprocessing: Sequence[str],
+              shared: dict[str, torch.Tensor]) -> list[CellJob]:
+    """Every cell of a grid as a job: the profile's activations in cache_dir, the cells saved
+    under run_dir/saes/ (a stage of its own may train its grid in a folder of its own)."""
+    meta = cell_meta(params, cache_dir)
+    return [CellJob(str(run_dir), name, prep, str(Path(cache_dir) / "acts_train.npy"),
+                    tuple(params["seeds"]),
+                    {**meta, "configuration": name, "preprocessing": prep, "seeds": list(params["seeds"])},
+                    {k: params[k] for k in TRAIN_KEYS}, params["train_tokens"], params["n_fit_tokens"],
+                    params["seed"], shared[prep] if CONFIGURATIONS[name][1] == "kmeans-shared" else None)
+            for name in configurations for prep in preprocessing]
 
 
 def load_cell(run_dir: str | os.PathLike, name: str, prep: str) -> dict:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .configs import CONFIGURATIONS, PREPROCESSING
+from .variants import VARIANTS, variant_overrides
 
 
 def check_choice(name: str, value: object, allowed: Sequence[object]) -> None:
@@ -144,6 +145,7 @@ _SCHEDULER = (is_scheduler, "'local', 'serial' or a Dask scheduler address such 
 _CONFIGS = (_subset(list(CONFIGURATIONS)), f"a list of distinct names from {list(CONFIGURATIONS)}")
 _PREPS = (_subset(PREPROCESSING), f"a list of distinct names from {list(PREPROCESSING)}")
 _SEEDS = ((lambda v: isinstance(v, list) and _seeds_ok(v)), "a list of distinct integers >= 0")
+_VARIANTS = (_subset(list(VARIANTS)), f"a list of distinct names from {list(VARIANTS)}")
 _SCALES = ((lambda v: isinstance(v, list) and bool(v) and all(_num(0)(x) for x in v)),
            "a non-empty list of numbers >= 0")
 
@@ -222,6 +224,7 @@ PARAMETERS: dict[str, Parameter] = {
     "dose_sae_tokens": P('300_000', _POS, 'tokens each dose-response SAE sees'),
     "n_eval_tokens": P('20_000', _POS, 'held-out activations for reconstruction and activation correlation'),
     "equivalence_margin": P('0.05', _POSITIVE, "the smallest difference that matters, in Hungarian cosine distance (and in correlation): a comparison is decided by whether its 95% interval lies beyond -margin, beyond +margin or within +-margin"),
+    "variants": P(repr(list(VARIANTS)), _VARIANTS, "the robustness stage's variants, each a set of overrides stated once in ablation/variants.py"),
     "n_boot": P('2000', _int(100), 'bootstrap resamples (over runs) for every interval'),
     "max_fvu": P('0.4', _POSITIVE, 'quality gate: a cell must reconstruct held-out activations with at most this FVU'),
     "synthetic_tokens": P('1_000_000', _POS, 'tokens each synthetic-control SAE sees'),
@@ -342,6 +345,19 @@ def check_together(params: dict) -> None:
                    "or a hub id")
     if bad:
         raise ValueError("invalid parameter(s): " + "; ".join(bad))
+
+
+def resolve_variant(params: dict, name: str, slowest_tokens: int) -> dict:
+    """The profile's parameters under robustness variant ``name`` (ablation/variants.py), checked
+    by the same rules as any override, before anything trains."""
+    over = variant_overrides(name, params, slowest_tokens)
+    varied = {**params, **over}
+    try:
+        check_parameters(varied)
+        check_together(varied)
+    except ValueError as err:
+        raise ValueError(f"variant {name!r} ({over}): {err}") from None
+    return varied
 
 
 def _hub_id(name: str) -> bool:

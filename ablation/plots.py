@@ -1,4 +1,4 @@
-"""The report's one figure style, its colours per configuration, Figure 1 and Figure 3."""
+"""The report's one figure style, its colours per configuration, Figures 1, 3 and 4."""
 
 from __future__ import annotations
 
@@ -127,4 +127,42 @@ def plot_tests_over_training(rows, preprocessing: Sequence[str], margin: float):
     fig.text(0.5, -0.01, f"grey band: the margin +-{margin:g}; dotted: the cell that converged "
              "first, held at its convergence; markers: both cells' ends, after the final decay",
              ha="center", fontsize=9)
+    return fig
+
+
+def plot_forest(rows, preprocessing: Sequence[str], margin: float):
+    """Figure 4: the Hungarian test differences of every variant (the profile's own on top), one
+    row per variant and comparison, 95% intervals, the margin as a grey band; a filled marker
+    where the outcome is the profile's, hollow where it moved."""
+    import matplotlib.pyplot as plt
+
+    rows = rows[rows.metric == "hungarian"]
+    variants = list(dict.fromkeys(rows.variant))
+    keys = list(dict.fromkeys(zip(rows.comparison, rows.challenger)))
+    n = len(variants) * len(keys)
+    fig, axes = plt.subplots(1, len(preprocessing), figsize=(6.5 * len(preprocessing), 1.0 + 0.22 * n),
+                             sharey=True, squeeze=False)
+    labels = [f"{v} · {c} ({cmp})" for v in variants for cmp, c in keys]
+    for ax, prep in zip(axes[0], preprocessing):
+        ax.axvspan(-margin, margin, color="0.85", zorder=0, lw=0)
+        ax.axvline(0, color="0.3", lw=1)
+        for i, v in enumerate(variants):
+            for j, (cmp, c) in enumerate(keys):
+                r = rows[(rows.variant == v) & (rows.comparison == cmp) & (rows.challenger == c)
+                         & (rows.preprocessing == prep)]
+                if r.empty:
+                    continue
+                r = r.iloc[0]
+                y = n - 1 - (i * len(keys) + j)
+                color, _, marker = STYLES[c]
+                ax.errorbar([r.difference], [y], xerr=[[r.difference - r.lo], [r.hi - r.difference]],
+                            color=color, marker=marker, ms=6, capsize=2, ls="",
+                            mfc=color if r.holds else "white")
+            if i:
+                ax.axhline(n - 0.5 - i * len(keys), color="0.7", lw=0.6)
+        ax.set(title=f"{prep} activations", xlabel="Hungarian distance: archetypal minus TopK\n"
+               "(below 0: archetypal closer; grey: within the margin)")
+    axes[0][0].set_yticks(range(n))
+    axes[0][0].set_yticklabels(labels[::-1], fontsize=7)
+    fig.tight_layout()
     return fig

@@ -325,3 +325,24 @@ def test_the_authors_protocol_runs_on_the_smoke_model(run_copy):
                     n_boot=100, synthetic_tokens=1280)
     assert len(abl["authors_table"]) == 8 and all(np.isfinite(r["mean"]) for r in abl["authors_table"])
     assert abl["falsification"] == [] and abl["verdict"].startswith("not tested")
+
+
+# ----------------------------------------------------------------------------- 05
+def test_05_retrains_the_decisive_cells_per_variant_and_reuses_them(run_copy):
+    out = run_stage("05_robustness", run_copy)
+    assert out["variants"] == ["dictionary x2"] and set(out["holds"]) == {"dictionary x2"}
+    rows = [r for r in out["rows"] if r["metric"] == "hungarian"]
+    ref = json.loads((run_copy / "04_initialization_ablation.json").read_text())
+    assert sum(r["variant"] == "profile" for r in rows) == \
+        sum(t["metric"] == "hungarian" for t in ref["falsification"])  # the profile's rows on top
+    assert all(r["holds"] for r in rows if r["variant"] == "profile")
+    assert {r["comparison"] for r in rows if r["variant"] == "dictionary x2"} == \
+        {"against topk-random", "matched start"}
+    saes = run_copy / "robustness" / "dictionary-x2" / "saes"
+    cell = store.load_result(saes / "ra-random-points__centered.safetensors", {})
+    assert cell["meta"]["n_latents"] == 64 and cell["dictionaries"].shape[-2] == 64  # 2 x smoke's 32
+    assert out["cells"]["dictionary x2"]["topk-random__centered"]["step0_hungarian"] > 0.5
+    assert (run_copy / "figures" / "fig4_robustness.png").is_file()
+    before = mtimes(saes)
+    again = run_stage("05_robustness", run_copy)
+    assert mtimes(saes) == before and again["rows"] == out["rows"]  # reused, same numbers

@@ -42,6 +42,8 @@ def test_make_report_smoke_writes_every_output_and_nothing_tracked(made):
         assert (report / f"{stage}.ipynb").is_file(), stage
         assert (report / f"{stage}.html").stat().st_size > 10_000, stage
         assert json.loads((report / f"{stage}.json").read_text()), stage
+        page = (report / f"{stage}.ipynb").read_text()  # no progress-widget state kept
+        assert "widget-view+json" not in page and "widgets" not in json.loads(page)["metadata"], stage
     for fig in ("fig1_mean_min", "fig1_hungarian", "fig2_galaxy_toy", "00_lm_loss", "02_training_fvu"):
         for ext in ("png", "pdf"):
             assert (made / "runs" / "smoke" / "figures" / f"{fig}.{ext}").is_file()

@@ -1,0 +1,37 @@
+"""Notebook 04's tests recomputed on the cells of one robustness variant (notebook 05)."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .decisions import falsification_tests, quality_gate
+from .grid import load_cell
+from .stats import cell_endpoint, cell_trajectory, endpoint_summary
+
+
+def variant_tests(run_dir: str | os.PathLike, configurations: Sequence[str],
+                  preprocessing: Sequence[str], x_eval: torch.Tensor, x_train: torch.Tensor,
+                  max_fvu: float, margin: float, n_boot: int, seed: int) -> dict:
+    """The falsification tests of a variant's cells (saved under run_dir/saes/) through notebook
+    04's functions: the quality gate, then every comparison under the margin. Returns the test
+    rows, the skipped comparisons, the flagged cells with why, and each cell's step-0 and final
+    Hungarian distance (mean over run pairs) and held-out FVU."""
+    keys = [(n, p) for n in configurations for p in preprocessing]
+    cells = {k: load_cell(run_dir, *k) for k in keys}
+    traj = {k: cell_trajectory(c) for k, c in cells.items()}
+    excluded, cell_rows = {}, {}
+    for k, cell in cells.items():
+        end = cell_endpoint(cell, x_eval, k[0], x_train)
+        summary = endpoint_summary({m: traj[k][m][-1] for m in ("mean_min", "hungarian", "matched_share")},
+                                   end, n_boot, seed)
+        excluded[k] = quality_gate(summary["fvu"][0], cell["convergence"], max_fvu)
+        cell_rows["__".join(k)] = {"step0_hungarian": float(np.nanmean(traj[k]["hungarian"][0])),
+                                   "end_hungarian": float(np.nanmean(traj[k]["hungarian"][-1])),
+                                   "fvu": summary["fvu"][0], "tokens": int(traj[k]["tokens"][-1]),
+                                   "flagged": "; ".join(excluded[k])}
+    tests, skipped = falsification_tests(traj, preprocessing, excluded, margin, n_boot, seed)
+    return {"tests": tests, "skipped": skipped, "cells": cell_rows}

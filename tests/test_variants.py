@@ -1,0 +1,51 @@
+"""The robustness variants: every kind of override resolves against the profile, and a variant
+that breaks a rule is refused, naming itself, before anything trains."""
+
+from __future__ import annotations
+
+import pytest
+
+from ablation import parameters, variants
+
+NAMES = ("n_latents", "n_candidates", "min_sae_tokens", "max_sae_tokens", "seeds", "delta",
+         "converge_tolerance", "equivalence_margin", "lr_decay", "k", "n_fit_tokens", "sae_batch_size",
+         "snapshots_per_doubling")
+
+
+@pytest.fixture(scope="module")
+def default() -> dict:
+    return parameters.resolve_parameters({"profile": "default", **dict.fromkeys(NAMES)})
+
+
+def test_every_kind_of_override_resolves_against_the_profile(default):
+    slowest = 12_345_678
+    assert parameters.resolve_variant(default, "delta x0.25", slowest)["delta"] == default["delta"] / 4
+    big = parameters.resolve_variant(default, "dictionary x4", slowest)
+    assert big["n_latents"] == 4 * default["n_latents"] and big["n_candidates"] == 4 * default["n_candidates"]
+    assert big["min_sae_tokens"] == 4 * default["min_sae_tokens"]  # budgets scale with n_latents / k
+    assert isinstance(big["n_latents"], int)
+    equal = parameters.resolve_variant(default, "equal budgets", slowest)
+    assert equal["min_sae_tokens"] == equal["max_sae_tokens"] == slowest
+    seeds = parameters.resolve_variant(default, "second seed set", slowest)["seeds"]
+    assert len(seeds) == len(default["seeds"]) and min(seeds) > max(default["seeds"])
+    assert parameters.resolve_variant(default, "tolerance 0.01", slowest)["converge_tolerance"] == 0.01
+    assert default["delta"] == parameters.default("delta")  # the profile itself is untouched
+
+
+def test_a_variant_that_breaks_a_rule_is_refused_naming_itself(default):
+    small = {**default, "n_fit_tokens": 1500}  # 4 x 512 candidates cannot be drawn from 1,500 tokens
+    with pytest.raises(ValueError, match=r"variant 'dictionary x4'.*n_candidates=2048 must be at most n_fit_tokens"):
+        parameters.resolve_variant(small, "dictionary x4", 10_000_000)
+    with pytest.raises(ValueError, match="variants="):
+        parameters.check_parameters({"variants": ["tolerance 0.02"]})
+
+
+def test_forest_rows_mark_which_outcomes_held():
+    ref = [{"comparison": "matched start", "challenger": "ra-random-points", "reference": "topk-random-points",
+            "metric": "hungarian", "preprocessing": "centered", "difference": 0.01, "lo": -0.01, "hi": 0.03,
+            "outcome": "equivalent within the margin"}]
+    moved = [{**ref[0], "difference": 0.2, "lo": 0.15, "hi": 0.25,
+              "outcome": "archetypal further apart by more than the margin"}]
+    assert variants.forest_rows("profile", ref, ref)[0]["holds"]
+    row = variants.forest_rows("dictionary x4", moved, ref)[0]
+    assert not row["holds"] and row["committed_outcome"] == "equivalent within the margin"
