@@ -200,3 +200,19 @@ def test_make_lab_serves_the_notebooks(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_the_readme_types_no_result_number_outside_its_generated_blocks():
+    text = (ROOT / "README.md").read_text()
+    prose = re.sub(r"<!-- (\w+):start -->.*?<!-- \1:end -->", "", text, flags=re.S)
+    typed = re.findall(r"(?<![\w.])[-+]?\d+\.\d{3,}", prose)
+    assert not typed, f"numbers typed into the README by hand (generate them in readme.py): {typed}"
+    assert len(prose) < len(text)  # the blocks were found
+
+
+def test_no_notebook_markdown_line_starts_a_blockquote():
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        for cell in json.loads(path.read_text())["cells"]:
+            if cell["cell_type"] == "markdown":
+                bad = [l for l in "".join(cell["source"]).splitlines() if l.lstrip().startswith(">")]
+                assert not bad, f"{path.name}: {bad} renders as a blockquote"
