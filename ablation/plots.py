@@ -42,9 +42,11 @@ def save_figure(fig, name: str, figures_dir: str | os.PathLike) -> Path:
 
 
 def plot_trajectories(curves, chance: dict, metric: str, preprocessing: Sequence[str],
-                      configurations: Sequence[str], flagged: Iterable[tuple[str, str]] = ()):
+                      configurations: Sequence[str], flagged: Iterable[tuple[str, str]] = (),
+                      model: str = ""):
     """Figure 1: inter-run distance against tokens seen, one panel per preprocessing, each cell's
-    line to its own end, with a tick where it was judged converged (its last full-rate snapshot)."""
+    line to its own end, with a tick where it was judged converged (its last full-rate snapshot);
+    ``model`` names the activations' model in every title."""
     import matplotlib.pyplot as plt
 
     label = {"mean_min": "symmetric mean-min cosine distance",
@@ -69,7 +71,9 @@ def plot_trajectories(curves, chance: dict, metric: str, preprocessing: Sequence
             ax.plot(judged.tokens, judged["mean"], color=color, marker="|", ms=16, mew=2, ls="", zorder=4)
         ax.set_xscale("symlog", linthresh=max(1, int(curves.tokens[curves.tokens > 0].min())))
         ax.set_xlim(left=0)
-        ax.set(title=f"{prep} activations", xlabel="tokens seen", ylabel=label + "\n(lower: runs agree more)")
+        ax.set(title=f"{prep} activations", xlabel="tokens seen",
+               ylabel=label + "\n(lower: runs agree more)")
+    fig.suptitle(model)
     handles, labels = axes[0][-1].get_legend_handles_labels()
     handles.append(plt.Line2D([], [], color="0.3", marker="|", ms=12, mew=2, ls=""))
     labels.append("|: converged at the full rate; the final decay follows")
@@ -80,12 +84,14 @@ def plot_trajectories(curves, chance: dict, metric: str, preprocessing: Sequence
     return fig
 
 
-def plot_tests_over_training(rows, preprocessing: Sequence[str], margin: float):
+def plot_tests_over_training(rows, preprocessing: Sequence[str], margin: float, model: str = ""):
     """The verdict over training, Hungarian, one row of panels per test: the endpoint difference
     against TopK from random starts, the same against TopK from the same start (the constraint's
     own effect), and the change since step 0 against TopK from random starts; archetypal minus
     TopK against tokens seen, 95% bands, the margin as a grey band; dotted past the end of the cell
-    that converged first (held at its convergence); the end of both cells at the right."""
+    that converged first (held at its convergence); the end of both cells at the right, and again
+    in an inset at a scale where the margin and the end intervals are visible. ``model`` names
+    the activations' model in every title."""
     import matplotlib.pyplot as plt
 
     from matplotlib.ticker import NullFormatter
@@ -117,6 +123,20 @@ def plot_tests_over_training(rows, preprocessing: Sequence[str], margin: float):
                     ax.plot(held.tokens, held.difference, color=color, ls=":", lw=1.8)
                 ax.errorbar(end.tokens, end.difference, yerr=[end.difference - end.lo, end.hi - end.difference],
                             color=color, marker=marker, ms=7, capsize=3, ls="")
+            ends = sub[sub.stage == "end"]
+            ins = ax.inset_axes([0.70, 0.06, 0.28, 0.34])
+            ins.axhspan(-margin, margin, color="0.85", lw=0)
+            ins.axhline(0, color="0.3", lw=0.8)
+            for i, name in enumerate(ends.challenger.unique()):
+                e = ends[ends.challenger == name].tail(1)
+                color, _, marker = STYLES[name]
+                ins.errorbar([i], e.difference, yerr=[e.difference - e.lo, e.hi - e.difference],
+                             color=color, marker=marker, ms=5, capsize=2, ls="")
+            reach = max(1.5 * margin, float(ends[["lo", "hi"]].abs().max().max()) * 1.1)
+            ins.set(ylim=(-reach, reach), xlim=(-0.6, max(len(ends.challenger.unique()), 1) - 0.4),
+                    xticks=[], title="ends", facecolor="white")
+            ins.title.set_fontsize(8)
+            ins.tick_params(labelsize=7)
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set(title=f"{test}, {comparison}, {prep} activations",
@@ -127,10 +147,11 @@ def plot_tests_over_training(rows, preprocessing: Sequence[str], margin: float):
     fig.text(0.5, -0.01, f"grey band: the margin +-{margin:g}; dotted: the cell that converged "
              "first, held at its convergence; markers: both cells' ends, after the final decay",
              ha="center", fontsize=9)
+    fig.suptitle(model)
     return fig
 
 
-def plot_forest(rows, preprocessing: Sequence[str], margin: float):
+def plot_forest(rows, preprocessing: Sequence[str], margin: float, model: str = ""):
     """Figure 4: the Hungarian test differences of every variant (the profile's own on top), one
     row per variant and comparison, 95% intervals, the margin as a grey band; a filled marker
     where the outcome is the profile's, hollow where it moved."""
@@ -164,5 +185,6 @@ def plot_forest(rows, preprocessing: Sequence[str], margin: float):
                "(below 0: archetypal closer; grey: within the margin)")
     axes[0][0].set_yticks(range(n))
     axes[0][0].set_yticklabels(labels[::-1], fontsize=7)
+    fig.suptitle(model)
     fig.tight_layout()
     return fig
