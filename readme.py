@@ -220,7 +220,7 @@ def _json(path: Path) -> dict | None:
 
 
 def _outcomes(rows: list[dict]) -> str:
-    """'closer 2, equivalent 3' counted over rows (their outcome labels' first words)."""
+    """How many rows have each outcome: '2 <outcome label>, 3 <outcome label>'."""
     counts: dict[str, int] = {}
     for t in rows:
         counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1

@@ -8,11 +8,7 @@ import torch
 
 from ablation import grid, parameters, synthetic, train
 
-CELL_KEYS = ("n_latents", "k", "n_candidates", "delta", "min_sae_tokens", "max_sae_tokens",
-             "sae_batch_size", "sae_lr", "lr_decay", "clip_grad", "dead_penalty", "aux_k",
-             "aux_dead_tokens", "match_start_scale", "pre_bias", "center_encoder",
-             "kmeans_shared_seed", "n_log_snapshots", "snapshots_per_doubling",
-             "converge_tolerance", "n_boot", "seed", "device")
+CELL_KEYS = grid.TRAIN_KEYS  # train_cell's settings, as notebook 02 passes them
 
 
 @pytest.fixture(scope="module")

@@ -49,3 +49,12 @@ def test_forest_rows_mark_which_outcomes_held():
     assert variants.forest_rows("profile", ref, ref)[0]["holds"]
     row = variants.forest_rows("dictionary x4", moved, ref)[0]
     assert not row["holds"] and row["committed_outcome"] == "equivalent within the margin"
+
+
+def test_forest_rows_compare_each_metric_with_its_own_outcome():
+    base = {"comparison": "against topk-random", "challenger": "ra-random-points", "reference": "topk-random",
+            "preprocessing": "centered", "difference": 0.0, "lo": -0.01, "hi": 0.01}
+    ref = [{**base, "metric": "hungarian", "outcome": "equivalent within the margin"},
+           {**base, "metric": "mean_min", "outcome": "archetypal closer by more than the margin"}]
+    rows = variants.forest_rows("profile", ref, ref)
+    assert [r["committed_outcome"] for r in rows] == [r["outcome"] for r in ref] and all(r["holds"] for r in rows)
