@@ -67,7 +67,7 @@ from ablation.labels import AUTHORS_CONDITIONS, AUTHORS_RULES  # noqa: F401
 
 # 05 · robustness: the verdict under every variant of the protocol
 from ablation.parameters import resolve_variant  # noqa: F401
-from ablation.variants import DECISIVE, VARIANTS, forest_rows, slug  # noqa: F401
+from ablation.variants import DECISIVE, VARIANTS, forest_rows, retrains, slug  # noqa: F401
 from ablation.robustness import variant_tests  # noqa: F401
 
 

@@ -137,9 +137,11 @@ def run(notebook: Path, params: dict, output: Path) -> Path:
     # Figures are embedded in the report: the kernel draws inline even where the caller's
     # environment (a test run, a headless shell) asks matplotlib for Agg.
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    # What a stage prints (one line per trained cell, its findings) goes to this run's log as it
+    # happens; progress bars and figures stay in the executed notebook.
     pm.execute_notebook(str(notebook), str(output), parameters=own, cwd=str(ROOT),
                         kernel_name="python3", progress_bar=False, log_output=False,
-                        extra_arguments=KERNEL_ARGS)
+                        stdout_file=sys.stdout, extra_arguments=KERNEL_ARGS)
     strip_widgets(output)
     produced = ROOT / params["run_dir"] / f"{notebook.stem}.json"
     if produced.exists():

@@ -10,6 +10,9 @@ EQUIVALENT = "equivalent within the margin"
 UNDECIDED = "undecided: the interval crosses the margin"
 AGREES_MORE = "archetypal agrees more by more than the margin"
 AGREES_LESS = "archetypal agrees less by more than the margin"
+# one word per outcome, for tables (the glossary spells them out)
+SHORT = {CLOSER: "closer", FURTHER: "further", EQUIVALENT: "equivalent", UNDECIDED: "undecided",
+         AGREES_MORE: "agrees more", AGREES_LESS: "agrees less"}
 
 # The authors' vision notebooks (DINOv2-small patch tokens; Hungarian cosine distance, 2 runs),
 # keyed by the configuration that builds each condition as their code does

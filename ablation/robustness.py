@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -13,15 +13,16 @@ from .grid import load_cell
 from .stats import cell_endpoint, cell_trajectory, endpoint_summary
 
 
-def variant_tests(run_dir: str | os.PathLike, configurations: Sequence[str],
-                  preprocessing: Sequence[str], x_eval: torch.Tensor, x_train: torch.Tensor,
-                  max_fvu: float, margin: float, n_boot: int, seed: int) -> dict:
-    """The falsification tests of a variant's cells (saved under run_dir/saes/) through notebook
-    04's functions: the quality gate, then every comparison under the margin. Returns the test
-    rows, the skipped comparisons, the flagged cells with why, and each cell's step-0 and final
-    Hungarian distance (mean over run pairs) and held-out FVU."""
-    keys = [(n, p) for n in configurations for p in preprocessing]
-    cells = {k: load_cell(run_dir, *k) for k in keys}
+def variant_tests(folders: Mapping[str, str | os.PathLike], preprocessing: Sequence[str],
+                  x_eval: torch.Tensor, x_train: torch.Tensor, max_fvu: float, margin: float,
+                  n_boot: int, seed: int) -> dict:
+    """The falsification tests of a variant's cells through notebook 04's functions: the quality
+    gate, then every comparison under the margin. ``folders`` maps each configuration to the run
+    folder whose saes/ hold its cells (the variant's own, or the profile's where the variant does
+    not change them). Returns the test rows, the skipped comparisons, the flagged cells with why,
+    and each cell's step-0 and final Hungarian distance (mean over run pairs) and held-out FVU."""
+    keys = [(n, p) for n in folders for p in preprocessing]
+    cells = {k: load_cell(folders[k[0]], *k) for k in keys}
     traj = {k: cell_trajectory(c) for k, c in cells.items()}
     excluded, cell_rows = {}, {}
     for k, cell in cells.items():

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
+from .configs import CONFIGURATIONS
+
 
 class Scaled(NamedTuple):
     """An override relative to the profile: its value times ``factor``."""
@@ -32,6 +34,15 @@ VARIANTS: dict[str, dict[str, object]] = {
 # the cells whose comparisons decide the verdict: the baseline, the challengers, their TopK twins
 DECISIVE = ("topk-random", "ra-kmeans-shared", "ra-kmeans-independent", "ra-random-points",
             "topk-kmeans-shared", "topk-kmeans-independent", "topk-random-points")
+
+# settings an architecture's cells never read: a variant that changes only these reuses the
+# profile's own cells of that architecture instead of training copies (a TopK SAE has no delta)
+UNREAD = {"topk": frozenset({"delta"}), "ra": frozenset()}
+
+
+def retrains(configuration: str, changed: dict) -> bool:
+    """Whether a variant that changes the settings ``changed`` changes a configuration's cells."""
+    return bool(set(changed) - UNREAD[CONFIGURATIONS[configuration][0]])
 
 
 def variant_overrides(name: str, params: dict, slowest_tokens: int) -> dict:

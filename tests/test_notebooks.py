@@ -330,7 +330,7 @@ def test_the_authors_protocol_runs_on_the_smoke_model(run_copy):
 # ----------------------------------------------------------------------------- 05
 def test_05_retrains_the_decisive_cells_per_variant_and_reuses_them(run_copy):
     out = run_stage("05_robustness", run_copy)
-    assert out["variants"] == ["dictionary x2"] and set(out["holds"]) == {"dictionary x2"}
+    assert out["variants"] == ["dictionary x2", "delta x4"] and set(out["holds"]) == set(out["variants"])
     rows = [r for r in out["rows"] if r["metric"] == "hungarian"]
     ref = json.loads((run_copy / "04_initialization_ablation.json").read_text())
     assert sum(r["variant"] == "profile" for r in rows) == \
@@ -343,6 +343,12 @@ def test_05_retrains_the_decisive_cells_per_variant_and_reuses_them(run_copy):
     assert cell["meta"]["n_latents"] == 64 and cell["dictionaries"].shape[-2] == 64  # 2 x smoke's 32
     assert out["cells"]["dictionary x2"]["topk-random__centered"]["step0_hungarian"] > 0.5
     assert (run_copy / "figures" / "fig4_robustness.png").is_file()
+    topk = [c for c in out["decisive"] if c.startswith("topk")]
+    assert out["profile_cells"] == {"dictionary x2": [], "delta x4": topk}  # a TopK SAE has no delta
+    delta_saes = run_copy / "robustness" / "delta-x4" / "saes"
+    assert not list(delta_saes.glob("topk-*")) and len(list(delta_saes.glob("ra-*.safetensors"))) == 6
+    cell = store.load_result(delta_saes / "ra-kmeans-shared__raw.safetensors", {})
+    assert cell["meta"]["delta"] == 4 * parameters.default("delta")
     before = mtimes(saes)
     again = run_stage("05_robustness", run_copy)
     assert mtimes(saes) == before and again["rows"] == out["rows"]  # reused, same numbers

@@ -58,3 +58,10 @@ def test_forest_rows_compare_each_metric_with_its_own_outcome():
            {**base, "metric": "mean_min", "outcome": "archetypal closer by more than the margin"}]
     rows = variants.forest_rows("profile", ref, ref)
     assert [r["committed_outcome"] for r in rows] == [r["outcome"] for r in ref] and all(r["holds"] for r in rows)
+
+
+def test_only_a_setting_an_architecture_reads_retrains_its_cells():
+    assert not variants.retrains("topk-random", {"delta": 4.0})  # a TopK SAE has no delta
+    assert variants.retrains("ra-kmeans-shared", {"delta": 4.0})
+    assert variants.retrains("topk-random", {"delta": 4.0, "seeds": [8, 9]})
+    assert not variants.retrains("ra-random-points", {})
