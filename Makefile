@@ -10,7 +10,7 @@ ROBUSTNESS := notebooks/05_robustness.ipynb
 NOTEBOOKS := $(filter-out $(ROBUSTNESS),$(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb)))
 STAGES := $(basename $(notdir $(NOTEBOOKS)))
 RUN_DIR := runs/$(PROFILE)
-COMMITTED := default smollm2 authors authors-smollm2
+COMMITTED := default smollm2 authors authors-smollm2 teach
 # what each stage writes besides its JSON: a stage re-runs (and verifies, rebuilding what is
 # corrupt) when any of these changed after it finished
 ARTIFACTS_00_language_model := $(wildcard $(RUN_DIR)/model/*)

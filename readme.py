@@ -96,10 +96,15 @@ def results_markdown(profile: str) -> str:
         lines += ["Excluded from the tests by the quality gate:", ""] + \
                  [f"- {s}" for s in abl["tests_skipped"]] + [""]
     lines += [f"Endpoint tests (distance, archetypal minus TopK; 95% bootstrap interval over runs; "
-              f"margin {abl['equivalence_margin']:g}):", ""]
-    lines += [f"- `{t['challenger']}` vs `{t['reference']}` ({t['comparison']}), "
-              f"{t['preprocessing']}: {t['difference']:+.3f} [{t['lo']:+.3f}, {t['hi']:+.3f}]: "
-              f"{t['outcome']}" for t in abl["falsification"] if t["metric"] == "hungarian"]
+              f"margin {abl['equivalence_margin']:g}):", "",
+              "| archetypal | TopK | raw | centered |", "| --- | --- | --- | --- |"]
+    tests = {(t["challenger"], t["reference"], t["preprocessing"]): t
+             for t in abl["falsification"] if t["metric"] == "hungarian"}
+    for ra, topk in dict.fromkeys((c, r) for c, r, _ in tests):
+        lines.append(f"| `{ra}` | `{topk}` | " + " | ".join(
+            "-" if t is None else f"{t['difference']:+.3f} [{t['lo']:+.3f}, {t['hi']:+.3f}] "
+                                  f"{labels.SHORT[t['outcome']]}"
+            for t in (tests.get((ra, topk, p)) for p in ("raw", "centered"))) + " |")
     lines += ["", "Geometry-free control (correlation of activation-matched latents alive in both runs, "
               "on held-out activations, archetypal minus TopK; above 0: archetypal runs agree more; "
               "beside it the all-latent version, dead latents counted as 0, and each side's dead share):", ""]
@@ -160,7 +165,7 @@ def authors_markdown() -> str:
 def times_markdown() -> str:
     """Seconds per stage of the last committed run of each profile."""
     rows = ["| profile | " + " | ".join(STAGES) + " | total (min) |", "|" + " --- |" * (len(STAGES) + 2)]
-    for profile in (*PROFILES, *AUTHORS_PROFILES):
+    for profile in (*PROFILES, *AUTHORS_PROFILES, "teach"):
         found = [load(profile, s) for s in STAGES]
         if found[4] is None:  # stage 04 not rendered by this version
             continue
@@ -199,9 +204,7 @@ def tldr_markdown() -> str:
                      + ("; ".join(map(_row, matched)) or "none testable"))
     rob = load("default", "05")
     if rob is not None:
-        lines.append(f"- **Robustness** (offline GPT-NeoX): every outcome holds under "
-                     f"{sum(rob['holds'].values())} of {len(rob['holds'])} variants of the protocol "
-                     "(Figure 4).")
+        lines.append(f"- **Robustness** (offline GPT-NeoX): {_robustness_sentence(rob)} (Figure 4).")
     else:
         lines.append("- **Robustness**: notebook 05 has not been rendered by this version (see below).")
     study = _json(ROOT / "report" / "precision_study.json")
@@ -263,6 +266,45 @@ def claims_markdown() -> str:
     return "\n".join(lines)
 
 
+def teach_markdown() -> str:
+    """The teach profile's three effects and its time, from its committed JSON."""
+    galaxy, abl = load("teach", "03"), load("teach", "04")
+    if galaxy is None or abl is None:
+        return _missing("teach")
+    st = abl["stabilization"]
+    end = lambda c, p: st[f"{c}__{p}"]["end"]  # noqa: E731
+    sec = sum((load("teach", s) or {}).get("seconds", 0) for s in STAGES[:5])
+    head = abs(end("ra-kmeans-independent", "centered") - end("ra-kmeans-shared", "centered"))
+    return (f"Its stages took {sec / 60:.1f} min here (their own seconds; kernel starts and pages come "
+            f"on top). What it shows, {abl['n_runs']} runs per cell:\n\n"
+            f"- **The galaxy far away:** two k-means dictionaries look {galaxy['kmeans_distance_raw']:.3f} "
+            f"apart raw and {galaxy['kmeans_distance_centered']:.3f} centered; archetypal runs from one "
+            f"shared k-means start end {end('ra-kmeans-shared', 'raw'):.3f} apart raw and "
+            f"{end('ra-kmeans-shared', 'centered'):.3f} centered.\n"
+            f"- **Shared against independent starts:** at step 0 the shared start puts the runs at "
+            f"{st['ra-kmeans-shared__centered']['step0']:.3f}, independent k-means starts at "
+            f"{st['ra-kmeans-independent__centered']['step0']:.3f}; at the end (centered) they are "
+            f"{end('ra-kmeans-shared', 'centered'):.3f} and {end('ra-kmeans-independent', 'centered'):.3f} "
+            f"apart: {'the head start does not last' if head < abl['equivalence_margin'] else 'the head start lasts'}.\n"
+            f"- **Stabilization:** TopK runs from random starts go from "
+            f"{st['topk-random__centered']['step0']:.3f} at step 0 to {end('topk-random', 'centered'):.3f} "
+            "at the end (centered).")
+
+
+def _robustness_sentence(rob: dict) -> str:
+    """Under which variants every Hungarian outcome held, under which one moved, which are missing."""
+    from ablation.variants import VARIANTS
+
+    held = [v for v in rob["variants"] if rob["holds"].get(v)]
+    moved = [v for v in rob["variants"] if not rob["holds"].get(v)]
+    missing = [v for v in VARIANTS if v not in rob["variants"]]
+    preps = sorted({r["preprocessing"] for r in rob["rows"]})
+    return (f"on {' and '.join(preps)} activations, every outcome holds under {len(held)} of "
+            f"{len(rob['variants'])} variants rendered" + (f" ({', '.join(held)})" if held else "")
+            + (f"; at least one moves under {', '.join(moved)}" if moved else "")
+            + (f"; not rendered yet: {', '.join(missing)}" if missing else ""))
+
+
 def robustness_markdown() -> str:
     """Notebook 05's table: per variant, whether the outcomes held, and which moved."""
     rob = load("default", "05")
@@ -274,13 +316,25 @@ def robustness_markdown() -> str:
             "times the tokens and the cost per token, so a full stage 05 is many times that on 2 cores: "
             "a job for a GPU or a cluster (`scheduler`).")
         return ("*Notebook 05 has not been rendered by this version: run `make robustness`.*" + cost)
-    lines = ["| variant | overrides | every outcome holds | moved |", "| --- | --- | --- | --- |"]
-    for v in rob["variants"]:
-        moved = [r for r in rob["rows"] if r["variant"] == v and r["metric"] == "hungarian" and not r["holds"]]
-        lines.append(f"| {v} | " + ", ".join(f"`{k}={x}`" for k, x in rob["overrides"][v].items())
-                     + f" | {'yes' if rob['holds'].get(v) else 'no'} | "
-                     + ("; ".join(f"`{r['challenger']}` {r['preprocessing']}: {r['committed_outcome']} -> "
-                                  f"{r['outcome']} ({r['difference']:+.3f})" for r in moved) or "-") + " |")
+    rows = [r for r in rob["rows"] if r["metric"] == "hungarian"]
+    preps = sorted({r["preprocessing"] for r in rows})
+    key = lambda r: (r["challenger"], r["reference"], r["preprocessing"])  # noqa: E731
+    cols = [key(r) for r in rows if r["variant"] == "profile"]
+    found = {(r["variant"], *key(r)): r for r in rows}
+    lines = [f"Rendered on {' and '.join(preps)} activations, {len(rob['variants'])} variants, in "
+             f"{rob['seconds'] / 60:.0f} min. Each entry: archetypal minus TopK and its outcome (the "
+             "profile's outcome beside it where it moved; -: a cell flagged by the quality gate).", "",
+             "| variant | overrides | " + " | ".join(f"`{c}` - `{r}`" + (f", {p}" if len(preps) > 1 else "")
+                                                    for c, r, p in cols) + " |",
+             "|" + " --- |" * (2 + len(cols))]
+    for v in ["profile", *rob["variants"]]:
+        over = ", ".join(f"`{k}={x}`" for k, x in rob["overrides"].get(v, {}).items()) or "-"
+        cells = [found.get((v, *c)) for c in cols]
+        lines.append(f"| {v} | {over} | " + " | ".join(
+            "-" if r is None else f"{r['difference']:+.3f} {labels.SHORT[r['outcome']]}"
+            + ("" if r["holds"] else f" (was {labels.SHORT[r['committed_outcome']]})") for r in cells) + " |")
+    summary = _robustness_sentence(rob)
+    lines += ["", summary[0].upper() + summary[1:] + "."]
     return "\n".join(lines) + "\n\n![Figure 4](figures/fig4_robustness.png)"
 
 
@@ -313,7 +367,7 @@ def index_html() -> str:
              "(authors' code: <a href='https://github.com/MichalBrzozowski91/ablating-archetypes'>"
              "MichalBrzozowski91/ablating-archetypes</a>). Read the <a href='../README.md'>README</a> "
              "first.</p>"]
-    for profile in (*PROFILES, *AUTHORS_PROFILES):
+    for profile in (*PROFILES, *AUTHORS_PROFILES, "teach"):
         pages = sorted((ROOT / "report" / profile).glob("0*.html"))
         if not pages:
             continue
@@ -323,7 +377,7 @@ def index_html() -> str:
         parts.append("</ul>")
     parts.append("<h2>Key figures</h2>")
     parts += [f"<p><img src='../figures/{f}.png' alt='{f}'></p>"
-              for f in ("fig1_hungarian", "fig3_verdict_over_training", "fig4_robustness", "fig2_galaxy_toy")
+              for f in ("fig1_hungarian", "fig2_galaxy_toy", "fig3_verdict_over_training", "fig4_robustness")
               if (ROOT / "figures" / f"{f}.png").is_file()]
     return "\n".join(parts) + "\n"
 
@@ -334,7 +388,7 @@ def write(readme: Path = ROOT / "README.md") -> None:
     blocks = {"tldr": tldr_markdown(), "claims": claims_markdown(),
               "robustness": robustness_markdown(), "speed": speed_markdown(),
               "results": "\n".join(f"#### Profile `{p}`\n\n{results_markdown(p)}" for p in PROFILES),
-              "authors": authors_markdown(), "times": times_markdown()}
+              "authors": authors_markdown(), "times": times_markdown(), "teach": teach_markdown()}
     for name, block in blocks.items():
         start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
         if start not in text or end not in text:

@@ -170,7 +170,7 @@ def test_freshly_rendered_smoke_pages_work_in_a_browser(made, tmp_path):
 
 
 @needs_chromium
-@pytest.mark.parametrize("profile", ["default", "smollm2", "authors", "authors-smollm2"])
+@pytest.mark.parametrize("profile", ["default", "smollm2", "authors", "authors-smollm2", "teach"])
 def test_committed_report_renders_in_a_browser(profile, tmp_path):
     if not (ROOT / "report" / profile).is_dir():
         pytest.skip(f"report/{profile}/ is not rendered (make report PROFILE={profile})")
@@ -209,6 +209,13 @@ def test_the_readme_types_no_result_number_outside_its_generated_blocks():
     typed = re.findall(r"(?<![\w.])[-+]?\d+\.\d{3,}", prose)
     assert not typed, f"numbers typed into the README by hand (generate them in readme.py): {typed}"
     assert len(prose) < len(text)  # the blocks were found
+
+
+def test_the_readme_stays_a_report_of_at_most_25_kb_with_the_answer_up_front():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.encode()) <= 25_000, "README.md over 25 KB: move detail to the stage pages or CHANGELOG.md"
+    head = "\n".join(text.splitlines()[:40])
+    assert "<!-- tldr:start -->" in head and "What changed" not in text
 
 
 def test_no_notebook_markdown_line_starts_a_blockquote():
