@@ -106,13 +106,13 @@ def results_markdown(profile: str) -> str:
                                   f"{labels.SHORT[t['outcome']]}"
             for t in (tests.get((ra, topk, p)) for p in ("raw", "centered"))) + " |")
     lines += ["", "Geometry-free control (correlation of activation-matched latents alive in both runs, "
-              "on held-out activations, archetypal minus TopK; above 0: archetypal runs agree more; "
-              "beside it the all-latent version, dead latents counted as 0, and each side's dead share):", ""]
-    lines += [f"- `{t['challenger']}` vs `{t['reference']}`, {t['preprocessing']}: {t['difference']:+.3f} "
-              f"[{t['lo']:+.3f}, {t['hi']:+.3f}]: {t['outcome']} (all latents "
-              f"{t['all_latents']['difference']:+.3f}: {t['all_latents']['outcome']}; dead "
-              f"{t['challenger_dead_share']:.0%} vs {t['reference_dead_share']:.0%})"
-              for t in abl["geometry_free"] if t["preprocessing"] == "centered"]
+              "held-out, archetypal minus TopK; above 0: archetypal runs agree more; beside it the "
+              "all-latent version, dead latents counted as 0, and each side's dead share), centered:", "",
+              "| archetypal | TopK | alive latents | all latents | dead |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| `{t['challenger']}` | `{t['reference']}` | {t['difference']:+.3f} [{t['lo']:+.3f}, "
+              f"{t['hi']:+.3f}] {labels.SHORT[t['outcome']]} | {t['all_latents']['difference']:+.3f} "
+              f"{labels.SHORT[t['all_latents']['outcome']]} | {t['challenger_dead_share']:.0%} vs "
+              f"{t['reference_dead_share']:.0%} |" for t in abl["geometry_free"] if t["preprocessing"] == "centered"]
     lines += ["", f"**Galaxy effect on these activations:** two k-means "
               f"dictionaries look {gal['kmeans_distance_raw']:.3f} apart raw, "
               f"{gal['kmeans_distance_centered']:.3f} centered (random: {gal['random_distance']:.3f}; "
@@ -223,11 +223,11 @@ def _json(path: Path) -> dict | None:
 
 
 def _outcomes(rows: list[dict]) -> str:
-    """How many rows have each outcome: '2 <outcome label>, 3 <outcome label>'."""
+    """How many rows have each outcome, in the glossary's words: '2 closer, 3 equivalent'."""
     counts: dict[str, int] = {}
     for t in rows:
         counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
-    return ", ".join(f"{n} {o}" for o, n in counts.items()) or "none testable"
+    return ", ".join(f"{n} {labels.SHORT[o]}" for o, n in counts.items()) or "none testable"
 
 
 def claims_markdown() -> str:

@@ -50,10 +50,12 @@ def run(cmd: list[str], cwd: Path, ok: bool = True) -> subprocess.CompletedProce
 @pytest.fixture(scope="session")
 def made(tmp_path_factory) -> Path:
     """A repository copy (committed report included, as in a clone) after `make report
-    PROFILE=smoke`, as a user runs it; readme.py made newer so that README.md is regenerated."""
+    PROFILE=smoke`, as a user runs it (its terminal output in runs/make-report-smoke.log);
+    readme.py made newer so that README.md is regenerated."""
     repo = tracked_copy(tmp_path_factory.mktemp("repo"), outputs=True)
     os.utime(repo / "readme.py")
-    run(["make", "report", "PROFILE=smoke"], repo)
+    done = run(["make", "report", "PROFILE=smoke"], repo)
+    (repo / "runs" / "make-report-smoke.log").write_text(done.stdout)  # what a user's terminal shows
     return repo
 
 
