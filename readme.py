@@ -36,11 +36,9 @@ def _ci(v: dict) -> str:
 def _missing(profile: str) -> str:
     """The line shown for a profile that has not been rendered."""
     stale = (ROOT / "report" / profile).is_dir()
-    return (f"*No results for profile `{profile}` from this version of the notebooks yet: run "
-            f"`make report PROFILE={profile}`."
-            + (f" The pages under `report/{profile}/` come from an earlier version, whose tests "
-               "read the sign of an interval instead of a declared margin." if stale else "")
-            + "*\n")
+    return (f"*Not rendered by this version: `make report PROFILE={profile}`."
+            + (f" The pages under `report/{profile}/` are an earlier version's (tests by the sign "
+               "of an interval, not a margin)." if stale else "") + "*\n")
 
 
 def _tokens(n: float) -> str:
@@ -321,8 +319,8 @@ def robustness_markdown() -> str:
     key = lambda r: (r["challenger"], r["reference"], r["preprocessing"])  # noqa: E731
     cols = [key(r) for r in rows if r["variant"] == "profile"]
     found = {(r["variant"], *key(r)): r for r in rows}
-    lines = [f"Rendered on {' and '.join(preps)} activations, {len(rob['variants'])} variants, in "
-             f"{rob['seconds'] / 60:.0f} min. Each entry: archetypal minus TopK and its outcome (the "
+    lines = [f"Rendered on {' and '.join(preps)} activations, {len(rob['variants'])} variants. Each "
+             "entry: archetypal minus TopK and its outcome (the "
              "profile's outcome beside it where it moved; -: a cell flagged by the quality gate).", "",
              "| variant | overrides | " + " | ".join(f"`{c}` - `{r}`" + (f", {p}" if len(preps) > 1 else "")
                                                     for c, r, p in cols) + " |",
