@@ -114,7 +114,7 @@ def results_markdown(profile: str) -> str:
     lines += ["", f"**Galaxy effect on these activations:** two k-means "
               f"dictionaries look {gal['kmeans_distance_raw']:.3f} apart raw, "
               f"{gal['kmeans_distance_centered']:.3f} centered (random: {gal['random_distance']:.3f}; "
-              f"Hungarian cosine distance). {abl['ground_truth']}", ""]
+              f"Hungarian cosine distance); the synthetic control is in the claims table.", ""]
     return "\n".join(lines)
 
 
@@ -322,13 +322,12 @@ def robustness_markdown() -> str:
     lines = [f"Rendered on {' and '.join(preps)} activations, {len(rob['variants'])} variants. Each "
              "entry: archetypal minus TopK and its outcome (the "
              "profile's outcome beside it where it moved; -: a cell flagged by the quality gate).", "",
-             "| variant | overrides | " + " | ".join(f"`{c}` - `{r}`" + (f", {p}" if len(preps) > 1 else "")
+             "| variant | " + " | ".join(f"`{c}` - `{r}`" + (f", {p}" if len(preps) > 1 else "")
                                                     for c, r, p in cols) + " |",
-             "|" + " --- |" * (2 + len(cols))]
+             "|" + " --- |" * (1 + len(cols))]
     for v in ["profile", *rob["variants"]]:
-        over = ", ".join(f"`{k}={x}`" for k, x in rob["overrides"].get(v, {}).items()) or "-"
         cells = [found.get((v, *c)) for c in cols]
-        lines.append(f"| {v} | {over} | " + " | ".join(
+        lines.append(f"| {v} | " + " | ".join(
             "-" if r is None else f"{r['difference']:+.3f} {labels.SHORT[r['outcome']]}"
             + ("" if r["holds"] else f" (was {labels.SHORT[r['committed_outcome']]})") for r in cells) + " |")
     summary = _robustness_sentence(rob)
