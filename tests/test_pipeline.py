@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run, tracked_copy
 
+from readme import COMMITTED
+
 pytestmark = pytest.mark.slow
 STAGES = ["00_language_model", "01_cache_activations", "02_train_saes", "03_galaxy_far_away",
           "04_initialization_ablation"]
@@ -170,7 +172,7 @@ def test_freshly_rendered_smoke_pages_work_in_a_browser(made, tmp_path):
 
 
 @needs_chromium
-@pytest.mark.parametrize("profile", ["default", "smollm2", "authors", "authors-smollm2", "teach"])
+@pytest.mark.parametrize("profile", COMMITTED)
 def test_committed_report_renders_in_a_browser(profile, tmp_path):
     if not (ROOT / "report" / profile).is_dir():
         pytest.skip(f"report/{profile}/ is not rendered (make report PROFILE={profile})")
