@@ -1,5 +1,5 @@
 """The whole pipeline through `make`, as a user runs it: outputs, incremental re-runs, dry runs,
-corrupt files, overrides, the README's own examples, and the rendered HTML in a real browser."""
+corrupt files, overrides, the documented examples, and the rendered HTML in a real browser."""
 
 from __future__ import annotations
 
@@ -110,14 +110,15 @@ def test_an_override_run_gets_its_own_folder_and_leaves_the_profile_alone(made_c
 
 
 def readme_examples() -> list[str]:
-    """The shell lines of the README blocks marked <!-- tested -->, as a reader would type them."""
-    text = (ROOT / "README.md").read_text()
+    """The shell lines of the blocks marked <!-- tested --> in the README and RUNNING.md (where the
+    README sends a reader for runs of their own), as a reader would type them."""
+    text = (ROOT / "README.md").read_text() + (ROOT / "RUNNING.md").read_text()
     blocks = re.findall(r"<!-- tested -->\s*```bash\n(.*?)```", text, flags=re.S)
     return [line for block in blocks for line in block.splitlines()
             if line.strip() and not line.lstrip().startswith("#")]
 
 
-def test_the_readme_examples_run_as_written(made_copy):
+def test_the_documented_examples_run_as_written(made_copy):
     lines = readme_examples()
     assert len(lines) >= 3
     for line in lines:
