@@ -118,11 +118,20 @@ def results_markdown(profile: str) -> str:
     return "\n".join(lines)
 
 
-def _gate_reason(reasons: list[str]) -> str:
-    """The quality gate's reasons in a few words: the held-out FVU, or the last slope per doubling."""
-    return "; ".join(r.split(" (")[0] if r.startswith("held-out") else
-                     "still moving: slope " + r.split("slope ")[1].split(" at ")[0]
-                     for r in reasons)
+def _gate_reason(reasons: list[str], record: dict) -> str:
+    """Why the quality gate flags a cell, in a few words: its held-out FVU, or its last slope per
+    doubling from its convergence ``record``."""
+    fvu = [r.split(" (")[0] for r in reasons if r.startswith("held-out")]
+    moving = [] if record["converged"] else [
+        f"still moving: slope {record['slope']:+.3f} per doubling [{record['lo']:+.3f}, {record['hi']:+.3f}]"]
+    return "; ".join(fvu + moving)
+
+
+def _authors_flagged(abl: dict) -> list[str]:
+    """The cells of an authors profile's Table 3 that the quality gate flags, each with why."""
+    gate = abl["quality_gate"]
+    return [f"`{r['configuration']}` {r['preprocessing']} ({_gate_reason(gate[key], abl['convergence'][key])})"
+            for r in abl["authors_table"] if gate.get(key := f"{r['configuration']}__{r['preprocessing']}")]
 
 
 def authors_markdown() -> str:
@@ -151,11 +160,7 @@ def authors_markdown() -> str:
               for rule, text in labels.AUTHORS_RULES.items()]
     lines.append("")
     for p in cols:
-        gate = tables[p]["quality_gate"]
-        flagged = [f"`{r['configuration']}` {r['preprocessing']} ({_gate_reason(gate[key])})"
-                   for r in tables[p]["authors_table"]
-                   if gate.get(key := f"{r['configuration']}__{r['preprocessing']}")]
-        if flagged:
+        if flagged := _authors_flagged(tables[p]):
             lines += [f"On the {AUTHORS_PROFILES[p]}, {len(flagged)} of {len(tables[p]['authors_table'])} "
                       f"cells are flagged, so the pattern is not established there: {', '.join(flagged)}.", ""]
     return "\n".join(lines)
@@ -260,8 +265,7 @@ def claims_markdown() -> str:
         abl = load(p, "04")
         if abl is not None:
             ok = [v for v in abl["authors_pattern"].values() if v is not None]
-            flagged = sum(bool(abl["quality_gate"].get(f"{r['configuration']}__{r['preprocessing']}"))
-                          for r in abl["authors_table"])
+            flagged = len(_authors_flagged(abl))
             lines.append(f"| the authors' Table 3 pattern | the paper | {label}, the authors' protocol | "
                          f"{sum(ok)} of {len(ok)} testable rules hold on the numbers" + (
                              f"; not established: {flagged} of {len(abl['authors_table'])} cells flagged"
