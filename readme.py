@@ -127,11 +127,17 @@ def _gate_reason(reasons: list[str], record: dict) -> str:
     return "; ".join(fvu + moving)
 
 
+def _flagged(abl: dict, key: str) -> str:
+    """'`name` prep (why the quality gate flags it)', for a flagged cell ``key``."""
+    name, prep = key.split("__")
+    return f"`{name}` {prep} ({_gate_reason(abl['quality_gate'][key], abl['convergence'][key])})"
+
+
 def _authors_flagged(abl: dict) -> list[str]:
     """The cells of an authors profile's Table 3 that the quality gate flags, each with why."""
     gate = abl["quality_gate"]
-    return [f"`{r['configuration']}` {r['preprocessing']} ({_gate_reason(gate[key], abl['convergence'][key])})"
-            for r in abl["authors_table"] if gate.get(key := f"{r['configuration']}__{r['preprocessing']}")]
+    return [_flagged(abl, key) for r in abl["authors_table"]
+            if gate.get(key := f"{r['configuration']}__{r['preprocessing']}")]
 
 
 def authors_markdown() -> str:
@@ -169,6 +175,7 @@ def authors_markdown() -> str:
 def times_markdown() -> str:
     """Seconds per stage of the last committed run of each profile."""
     rows = ["| profile | " + " | ".join(STAGES) + " | total (min) |", "|" + " --- |" * (len(STAGES) + 2)]
+    notes = []
     for profile in COMMITTED:
         found = [load(profile, s) for s in STAGES]
         if found[4] is None:  # stage 04 not rendered by this version
@@ -176,7 +183,19 @@ def times_markdown() -> str:
         sec = [(data or {}).get("seconds") for data in found]
         rows.append(f"| `{profile}` | " + " | ".join("-" if v is None else f"{v:.0f}" for v in sec)
                     + f" | {sum(v or 0 for v in sec) / 60:.1f} |")
-    return "\n".join(rows)
+        if reused := found[2].get("reused"):
+            notes.append(_reused_note(profile, found[2], reused))
+    return "\n".join(rows + (["", "\n\n".join(notes)] if notes else []))
+
+
+def _reused_note(profile: str, grid: dict, reused: list[str]) -> str:
+    """Which cells a profile's stage 02 loaded from an earlier run, and their training seconds
+    where the cell recorded them (cells saved by older code did not)."""
+    known = [grid["cells"][k]["train_seconds"] for k in reused if grid["cells"][k].get("train_seconds")]
+    return (f"`{profile}`: stage 02 reused {len(reused)} of {len(grid['cells'])} cells trained by an "
+            f"earlier run of the stage ({', '.join(f'`{k}`' for k in reused)}); "
+            + (f"their training took {sum(known):.0f} s more" if len(known) == len(reused) else
+               "their training time is not in the row") + ".")
 
 
 def _decisive(abl: dict, prep: str = "centered") -> list[dict]:
@@ -188,6 +207,12 @@ def _row(t: dict) -> str:
     """'`a` - `b` +0.012 [+0.003, +0.020] (equivalent within the margin)'."""
     return (f"`{t['challenger']}` - `{t['reference']}` {t['difference']:+.3f} "
             f"[{t['lo']:+.3f}, {t['hi']:+.3f}] ({t['outcome']})")
+
+
+def _untestable(abl: dict, reference: str, prep: str = "centered") -> str:
+    """'none testable', and why when the quality gate flags the ``reference`` cell."""
+    key = f"{reference}__{prep}"
+    return "none testable" + (f": {_flagged(abl, key)} is flagged" if abl["quality_gate"].get(key) else "")
 
 
 def tldr_markdown() -> str:
@@ -203,7 +228,7 @@ def tldr_markdown() -> str:
         matched = [t for t in rows if t["comparison"] == "matched start"]
         lines.append(f"- **{label}**, centered activations, {abl['n_runs']} runs per cell, margin "
                      f"{abl['equivalence_margin']:g} (Hungarian distance, archetypal minus TopK): "
-                     "against TopK from random starts " + ("; ".join(map(_row, against)) or "none testable"))
+                     "against TopK from random starts " + ("; ".join(map(_row, against)) or _untestable(abl, "topk-random")))
         lines.append(f"- **{label}**, the constraint at a matched start (centered): "
                      + ("; ".join(map(_row, matched)) or "none testable"))
     rob = load("default", "05")

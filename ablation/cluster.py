@@ -71,7 +71,8 @@ def map_cells(jobs: Sequence[CellJob], client: object | None) -> list[dict]:
         c = out["convergence"]
         done[i] = out
         bar.update()
-        print(f"{jobs[i].name} / {jobs[i].prep}: {out['seconds']:.0f} s, "
+        print(f"{jobs[i].name} / {jobs[i].prep}: {'reused' if out['reused'] else 'trained'} in "
+              f"{out['seconds']:.0f} s, "
               f"{'converged' if c['converged'] else 'not converged within the cap'} at "
               f"{c['full_rate_tokens']:,} tokens", flush=True)
 

@@ -187,7 +187,8 @@ def cell_file(run_dir: str | os.PathLike, name: str, prep: str, suffix: str = ".
 
 def run_cell(job: CellJob) -> dict:
     """Train one cell, or load it when saved for job.meta, holding the cell's lock; return what
-    notebook 02 tabulates: the loss curve, the clipped share, the convergence record, seconds."""
+    notebook 02 tabulates: the loss curve, the clipped share, the convergence record, this call's
+    seconds, whether the cell was reused, and its training seconds (None if saved by older code)."""
     started, before = time.perf_counter(), torch.get_num_threads()
     trim_heap_every()  # a worker process trims its heap as a notebook's does (memory.py)
     if job.threads:
@@ -198,14 +199,22 @@ def run_cell(job: CellJob) -> dict:
             data = training_set(np.load(job.cache, mmap_mode="r"), job.train_tokens, job.seed)
             sample = fit_sample(data, job.n_fit_tokens, job.seed)
             ckpt = cell_file(job.run_dir, job.name, job.prep, ".ckpt")  # resumed from if interrupted
-            res = cached_result(path, job.meta, lambda: train_cell(
-                job.name, job.prep, data, sample, list(job.seeds), shared_points=job.shared_points,
-                checkpoint=ckpt, meta=job.meta, **job.train))
+            resumed, trained = ckpt.is_file(), []
+
+            def train() -> dict:
+                """Train the cell, recording its training seconds (this process's share if resumed)."""
+                trained.append(time.perf_counter())
+                out = train_cell(job.name, job.prep, data, sample, list(job.seeds),
+                                 shared_points=job.shared_points, checkpoint=ckpt, meta=job.meta, **job.train)
+                return {**out, "train_seconds": time.perf_counter() - trained[0], "resumed": resumed}
+
+            res = cached_result(path, job.meta, train)
             ckpt.unlink(missing_ok=True)  # the cell is saved whole
     finally:
         torch.set_num_threads(before)
     return {"loss": res["loss"], "clipped": res["clipped"], "convergence": res["convergence"],
-            "seconds": time.perf_counter() - started}
+            "seconds": time.perf_counter() - started, "reused": not trained,
+            "train_seconds": res.get("train_seconds"), "resumed": bool(res.get("resumed", False))}
 
 
 TRAIN_KEYS = ("n_latents", "k", "n_candidates", "delta", "min_sae_tokens", "max_sae_tokens",

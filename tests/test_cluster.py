@@ -70,6 +70,10 @@ def test_two_local_workers_give_the_serial_numbers_bit_for_bit(smoke, cache, tmp
         assert torch.equal(a["loss"], b["loss"]) and a["convergence"] == b["convergence"]
     again = cluster.map_cells(serial, None)  # saved: found, not retrained
     assert all(torch.equal(a["loss"], b["loss"]) for a, b in zip(again, out_serial))
+    # a reused cell says so, and keeps the training seconds of the run that trained it
+    assert not any(a["reused"] for a in out_serial) and all(a["reused"] for a in again)
+    assert [a["train_seconds"] for a in again] == [a["train_seconds"] for a in out_serial]
+    assert all(0 < a["train_seconds"] <= a["seconds"] for a in out_serial)
 
 
 def test_a_killed_worker_loses_nothing(smoke, cache, tmp_path):
@@ -91,6 +95,7 @@ def test_a_killed_worker_loses_nothing(smoke, cache, tmp_path):
         out = fut.result(timeout=300)
     assert same(saved(tmp_path / "whole", "ra-random-points"), saved(tmp_path / "killed", "ra-random-points"))
     assert torch.equal(out["loss"], whole["loss"]) and not ckpt.exists()
+    assert out["resumed"] and not whole["resumed"]  # finished from the killed worker's checkpoint
 
 
 def test_a_cell_is_trained_by_one_process_at_a_time(tmp_path):
