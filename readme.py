@@ -63,12 +63,9 @@ def convergence_sentence(abl: dict) -> str:
     done = [r for r in rec.values() if r["converged"]]
     r0 = next(iter(rec.values()))
     full = [r["full_rate_tokens"] for r in rec.values()]
-    return (f"{len(done)} of {len(rec)} cells converged at the full rate {r0['lr']:g} (slope of the "
-            f"Hungarian distance per doubling of tokens within +-{r0['tolerance']:g}, 95% interval "
-            f"over runs), after {_tokens(min(full))} to {_tokens(max(full))} tokens (cap "
-            f"{_tokens(r0['max_tokens'])}); with the final decay, cells trained "
-            f"{_tokens(min(r['tokens_trained'] for r in rec.values()))} to "
-            f"{_tokens(max(r['tokens_trained'] for r in rec.values()))}.")
+    return (f"{len(done)} of {len(rec)} cells converged at the full rate {r0['lr']:g} (slope per doubling "
+            f"of tokens within +-{r0['tolerance']:g}) after {_tokens(min(full))} to {_tokens(max(full))} "
+            f"tokens (cap {_tokens(r0['max_tokens'])}), then decayed.")
 
 
 def results_markdown(profile: str) -> str:
@@ -80,17 +77,16 @@ def results_markdown(profile: str) -> str:
              f"{lm['n_tokens']:,} cached tokens; on the SAEs' fit sample |mu| = {grid['mean_norm']:.2f} "
              f"against an RMS spread of {grid['rms_from_mean']:.2f}. {abl['n_runs']} runs per cell. "
              f"{convergence_sentence(abl)}", "",
-             "| configuration | data | Hungarian cos. dist. | FVU | dead | full rate | quality gate |",
-             "|" + " --- |" * 7]
-    for key, row in abl["endpoint"].items():
-        name, prep = key.split("__")
-        gate = "flagged" if abl["quality_gate"][key] else "pass"
-        lines.append(f"| `{name}` | {prep} | {_ci(row['hungarian'])} | {row['fvu']['mean']:.3f} | "
-                     f"{row['dead_fraction']['mean']:.0%} | "
-                     f"{_tokens(abl['convergence'][key]['full_rate_tokens'])} | {gate} |")
-    lines += ["", "Means over runs, 95% bootstrap intervals over runs; FVU and dead latents on held-out "
-              "activations; *full rate*: tokens at the full rate until the cell converged (or hit the cap). "
-              "Every metric and slope: the stage-04 page.", ""]
+             "| configuration | raw | centered |", "| --- | --- | --- |"]
+    ends = {tuple(key.split("__")): row for key, row in abl["endpoint"].items()}
+    for name in [c for c in abl["configurations"] if any((c, p) in ends for p in ("raw", "centered"))]:
+        lines.append(f"| `{name}` | " + " | ".join(
+            "-" if (name, p) not in ends else _ci(ends[name, p]["hungarian"]) +
+            (" †" if abl["quality_gate"][f"{name}__{p}"] else "") for p in ("raw", "centered")) + " |")
+    fvu = [row["fvu"]["mean"] for row in abl["endpoint"].values()]
+    lines += ["", f"Hungarian cosine distance between runs at the end, mean over run pairs [95% bootstrap "
+              f"interval over runs]; † flagged by the quality gate. Held-out FVU {min(fvu):.3f} to "
+              f"{max(fvu):.3f}; every cell's FVU, dead latents, budget and slope: the stage-04 page.", ""]
     if abl["tests_skipped"]:
         lines += ["Excluded from the tests by the quality gate:", ""] + \
                  [f"- {s}" for s in abl["tests_skipped"]] + [""]
@@ -118,12 +114,12 @@ def results_markdown(profile: str) -> str:
     return "\n".join(lines)
 
 
-def _gate_reason(reasons: list[str], record: dict) -> str:
-    """Why the quality gate flags a cell, in a few words: its held-out FVU, or its last slope per
-    doubling from its convergence ``record``."""
-    fvu = [r.split(" (")[0] for r in reasons if r.startswith("held-out")]
-    moving = [] if record["converged"] else [
-        f"still moving: slope {record['slope']:+.3f} per doubling [{record['lo']:+.3f}, {record['hi']:+.3f}]"]
+def _gate_reason(reasons: list[str], record: dict, slope: bool = True) -> str:
+    """Why the quality gate flags a cell, in a few words: its held-out FVU, or that it was still
+    moving at the end (with its last slope per doubling from its convergence ``record``)."""
+    fvu = [r.split(" (")[0].replace("held-out ", "") for r in reasons if r.startswith("held-out")]
+    moving = [] if record["converged"] else ["still moving" + (
+        f": slope {record['slope']:+.3f} per doubling [{record['lo']:+.3f}, {record['hi']:+.3f}]" if slope else "")]
     return "; ".join(fvu + moving)
 
 
@@ -136,8 +132,8 @@ def _flagged(abl: dict, key: str) -> str:
 def _authors_flagged(abl: dict) -> list[str]:
     """The cells of an authors profile's Table 3 that the quality gate flags, each with why."""
     gate = abl["quality_gate"]
-    return [_flagged(abl, key) for r in abl["authors_table"]
-            if gate.get(key := f"{r['configuration']}__{r['preprocessing']}")]
+    return [f"`{r['configuration']}` {r['preprocessing']} ({_gate_reason(gate[key], abl['convergence'][key], False)})"
+            for r in abl["authors_table"] if gate.get(key := f"{r['configuration']}__{r['preprocessing']}")]
 
 
 def authors_markdown() -> str:
@@ -259,43 +255,65 @@ def _outcomes(rows: list[dict]) -> str:
     return ", ".join(f"{n} {labels.SHORT[o]}" for o, n in counts.items()) or "none testable"
 
 
+def _synthetic(abl: dict) -> str:
+    """The synthetic control in one line: the most stable configuration and the best recoverer."""
+    syn = abl["synthetic"]
+    stable = min(syn, key=lambda c: syn[c]["hungarian_between_runs"])
+    best = max(syn, key=lambda c: syn[c]["recovered"])
+    return (f"most stable `{stable}` ({syn[stable]['hungarian_between_runs']:.3f} apart) recovers "
+            f"{syn[stable]['recovered']:.0%} of the true atoms; `{best}` recovers the most "
+            f"({syn[best]['recovered']:.0%})")
+
+
+def _claim_outcomes(abl: dict, gal: dict) -> list[str]:
+    """One profile's outcome for each claim of CLAIMS, in its order."""
+    hung = [t for t in abl["falsification"] if t["metric"] == "hungarian"]
+    return [_outcomes([t for t in hung if t["comparison"] == "against topk-random"]),
+            _outcomes([t for t in hung if t["comparison"] == "matched start"]),
+            _outcomes([t for t in abl["stabilization_advantage"] if t["metric"] == "hungarian"]),
+            f"{gal['kmeans_distance_raw']:.3f} raw vs {gal['kmeans_distance_centered']:.3f} centered "
+            f"(random {gal['random_distance']:.3f})",
+            _outcomes(abl["geometry_free"]), _synthetic(abl)]
+
+
+# each claim of the paper and the referee's asks: (claim, source, what this report measures)
+CLAIMS = (
+    ("archetypal runs agree better than TopK runs, even from independent starts", "Fel et al.",
+     "archetypal with independent starts minus `topk-random`, raw and centered"),
+    ("the agreement comes from the shared start, not the constraint", "the paper",
+     "RA-SAE minus TopK started at the same points"),
+    ("the constraint stabilizes training (runs come closer over training)", "Fel et al.",
+     "change since step 0, archetypal minus `topk-random`"),
+    ("cosine far from the origin makes dictionaries look alike", "the paper",
+     "two k-means dictionaries, raw vs centered"),
+    ("the geometry-free view agrees", "referee", "activation correlation over alive latents"),
+    ("stable is not correct", "referee", "synthetic data with a known dictionary"))
+
+
 def claims_markdown() -> str:
-    """Each claim of the paper and of the referee's asks beside what this report measured."""
-    lines = ["| claim | source | measured here | outcome |", "| --- | --- | --- | --- |"]
-    for profile, label in PROFILES.items():
-        abl, gal = load(profile, "04"), load(profile, "03")
-        if abl is None or gal is None:
-            lines.append(f"| every claim | - | {label} | not rendered by this version |")
-            continue
-        hung = [t for t in abl["falsification"] if t["metric"] == "hungarian"]
-        against = [t for t in hung if t["comparison"] == "against topk-random"]
-        matched = [t for t in hung if t["comparison"] == "matched start"]
-        stab = [t for t in abl["stabilization_advantage"] if t["metric"] == "hungarian"]
-        lines += [
-            f"| archetypal runs agree better than TopK runs, even from independent starts | Fel et al. | "
-            f"{label}: archetypal with independent starts minus `topk-random` (raw and centered) | "
-            f"{_outcomes(against)} |",
-            f"| the agreement comes from the shared start, not the constraint | the paper | {label}: "
-            f"RA-SAE minus TopK started at the same points | {_outcomes(matched)} |",
-            f"| the constraint stabilizes training (runs come closer over training) | Fel et al. | "
-            f"{label}: change since step 0, archetypal minus `topk-random` | {_outcomes(stab)} |",
-            f"| cosine far from the origin makes dictionaries look alike | the paper | {label}: two "
-            f"k-means dictionaries, raw vs centered | {gal['kmeans_distance_raw']:.3f} raw vs "
-            f"{gal['kmeans_distance_centered']:.3f} centered (random {gal['random_distance']:.3f}) |",
-            f"| the geometry-free view agrees | referee | {label}: activation correlation over alive "
-            f"latents | {_outcomes(abl['geometry_free'])} |",
-            f"| stable is not correct | referee | synthetic data with a known dictionary | "
-            f"{abl['ground_truth']} |"]
-    for p, label in AUTHORS_PROFILES.items():
-        abl = load(p, "04")
-        if abl is not None:
-            ok = [v for v in abl["authors_pattern"].values() if v is not None]
-            flagged = len(_authors_flagged(abl))
-            lines.append(f"| the authors' Table 3 pattern | the paper | {label}, the authors' protocol | "
-                         f"{sum(ok)} of {len(ok)} testable rules hold on the numbers" + (
-                             f"; not established: {flagged} of {len(abl['authors_table'])} cells flagged"
-                             if flagged else "") + " |")
+    """Each claim of the paper and of the referee's asks beside what this report measured, one
+    column per model."""
+    found = {label: (load(p, "04"), load(p, "03")) for p, label in PROFILES.items()}
+    cells = {label: _claim_outcomes(*x) if None not in x else ["not rendered by this version"] * len(CLAIMS)
+             for label, x in found.items()}
+    lines = ["| claim | source | measured here | " + " | ".join(cells) + " |", "|" + " --- |" * (3 + len(cells))]
+    lines += [f"| {claim} | {source} | {measured} | " + " | ".join(c[i] for c in cells.values()) + " |"
+              for i, (claim, source, measured) in enumerate(CLAIMS)]
+    authors = [_authors_claim(load(p, "04")) for p in AUTHORS_PROFILES]
+    lines.append("| the authors' Table 3 pattern | the paper | the authors' protocol (20 epochs, their sizes) | "
+                 + " | ".join(authors[:len(cells)]) + " |")
     return "\n".join(lines)
+
+
+def _authors_claim(abl: dict | None) -> str:
+    """How many of the authors' rules hold on one model, and whether flagged cells leave the
+    pattern unestablished."""
+    if abl is None:
+        return "not rendered by this version"
+    ok = [v for v in abl["authors_pattern"].values() if v is not None]
+    flagged = len(_authors_flagged(abl))
+    return (f"{sum(ok)} of {len(ok)} testable rules hold on the numbers"
+            + (f"; not established: {flagged} of {len(abl['authors_table'])} cells flagged" if flagged else ""))
 
 
 def teach_markdown() -> str:

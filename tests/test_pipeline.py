@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from ablation.configs import CONFIGURATIONS
 from conftest import ROOT, run, tracked_copy
 
 from readme import COMMITTED
@@ -227,3 +228,12 @@ def test_no_notebook_markdown_line_starts_a_blockquote():
             if cell["cell_type"] == "markdown":
                 bad = [l for l in "".join(cell["source"]).splitlines() if l.lstrip().startswith(">")]
                 assert not bad, f"{path.name}: {bad} renders as a blockquote"
+
+
+def test_every_configuration_the_readme_names_is_in_its_glossary():
+    text = (ROOT / "README.md").read_text()
+    glossary = text.split("## Glossary", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([a-z0-9-]+)`", text)) & set(CONFIGURATIONS)
+    assert {"topk-random", "ra-kmeans-shared"} <= named  # the README names configurations at all
+    missing = [n for n in named if f"`{n}`" not in glossary and not (n.endswith("-free") and "`*-free`" in glossary)]
+    assert not missing, f"configurations the README names but its glossary does not define: {missing}"
