@@ -237,3 +237,16 @@ def test_every_configuration_the_readme_names_is_in_its_glossary():
     assert {"topk-random", "ra-kmeans-shared"} <= named  # the README names configurations at all
     missing = [n for n in named if f"`{n}`" not in glossary and not (n.endswith("-free") and "`*-free`" in glossary)]
     assert not missing, f"configurations the README names but its glossary does not define: {missing}"
+
+
+def test_the_committed_verdict_holds_on_a_second_seed_set():
+    """The default profile's notebook 05 re-trains the decisive cells on seeds disjoint from the
+    profile's: every outcome of the committed verdict must come out the same."""
+    rob = json.loads((ROOT / "report" / "default" / "05_robustness.json").read_text())
+    assert "second seed set" in rob["variants"], "render notebook 05 with the second seed set"
+    rows = [r for r in rob["rows"] if r["variant"] == "second seed set"]
+    profile = [r for r in rob["rows"] if r["variant"] == "profile"]
+    assert len(rows) == len(profile) > 0 and not rob["skipped"]["second seed set"]
+    moved = [(r["challenger"], r["reference"], r["metric"], r["outcome"], r["committed_outcome"])
+             for r in rows if not r["holds"]]
+    assert not moved, f"outcomes that move with the seeds: {moved}"
