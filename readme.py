@@ -123,17 +123,17 @@ def _gate_reason(reasons: list[str], record: dict, slope: bool = True) -> str:
     return "; ".join(fvu + moving)
 
 
-def _flagged(abl: dict, key: str) -> str:
+def _flagged(abl: dict, key: str, slope: bool = True) -> str:
     """'`name` prep (why the quality gate flags it)', for a flagged cell ``key``."""
     name, prep = key.split("__")
-    return f"`{name}` {prep} ({_gate_reason(abl['quality_gate'][key], abl['convergence'][key])})"
+    return f"`{name}` {prep} ({_gate_reason(abl['quality_gate'][key], abl['convergence'][key], slope)})"
 
 
 def _authors_flagged(abl: dict) -> list[str]:
     """The cells of an authors profile's Table 3 that the quality gate flags, each with why."""
     gate = abl["quality_gate"]
-    return [f"`{r['configuration']}` {r['preprocessing']} ({_gate_reason(gate[key], abl['convergence'][key], False)})"
-            for r in abl["authors_table"] if gate.get(key := f"{r['configuration']}__{r['preprocessing']}")]
+    return [_flagged(abl, key, slope=False) for r in abl["authors_table"]
+            if gate.get(key := f"{r['configuration']}__{r['preprocessing']}")]
 
 
 def authors_markdown() -> str:
@@ -179,7 +179,7 @@ def times_markdown() -> str:
         sec = [(data or {}).get("seconds") for data in found]
         rows.append(f"| `{profile}` | " + " | ".join("-" if v is None else f"{v:.0f}" for v in sec)
                     + f" | {sum(v or 0 for v in sec) / 60:.1f} |")
-        if reused := found[2].get("reused"):
+        if reused := [key for key, cell in found[2]["cells"].items() if cell.get("reused")]:
             notes.append(_reused_note(profile, found[2], reused))
     return "\n".join(rows + (["", "\n\n".join(notes)] if notes else []))
 
@@ -299,10 +299,16 @@ def claims_markdown() -> str:
     lines = ["| claim | source | measured here | " + " | ".join(cells) + " |", "|" + " --- |" * (3 + len(cells))]
     lines += [f"| {claim} | {source} | {measured} | " + " | ".join(c[i] for c in cells.values()) + " |"
               for i, (claim, source, measured) in enumerate(CLAIMS)]
-    authors = [_authors_claim(load(p, "04")) for p in AUTHORS_PROFILES]
     lines.append("| the authors' Table 3 pattern | the paper | the authors' protocol (20 epochs, their sizes) | "
-                 + " | ".join(authors[:len(cells)]) + " |")
+                 + " | ".join(_authors_claim(_authors_of(p)) for p in PROFILES) + " |")
     return "\n".join(lines)
+
+
+def _authors_of(profile: str) -> dict | None:
+    """Stage 04 of the authors profile that runs ``profile``'s model (by stage 01's model name)."""
+    lm = load(profile, "01")
+    same = [p for p in AUTHORS_PROFILES if lm and (load(p, "01") or {}).get("model_name") == lm["model_name"]]
+    return load(same[0], "04") if same else None
 
 
 def _authors_claim(abl: dict | None) -> str:
