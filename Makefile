@@ -11,6 +11,10 @@ NOTEBOOKS := $(filter-out $(ROBUSTNESS),$(sort $(wildcard notebooks/[0-9][0-9]_*
 STAGES := $(basename $(notdir $(NOTEBOOKS)))
 RUN_DIR := runs/$(PROFILE)
 COMMITTED := default smollm2 authors authors-smollm2 teach
+# where the stages run, which changes neither what they compute nor where it is written, e.g.
+# make report PROFILE=paper DEVICE=cuda SCHEDULER=tcp://10.0.0.5:8786
+PLACE := $(if $(DEVICE),-p device $(DEVICE)) $(if $(SCHEDULER),-p scheduler $(SCHEDULER)) \
+         $(if $(WORKERS),-p workers $(WORKERS))
 # what each stage writes besides its JSON: a stage re-runs (and verifies, rebuilding what is
 # corrupt) when any of these changed after it finished
 ARTIFACTS_00_language_model := $(wildcard $(RUN_DIR)/model/*)
@@ -47,7 +51,7 @@ report: $(RUN_DIR)/$(lastword $(STAGES)).json README.md
 define stage
 $(RUN_DIR)/$(basename $(notdir $(1))).json: $(1) params/$(PROFILE).yaml report.py $(2) \
     $(shell $(PYTHON) -m ablation.deps $(1)) $(ARTIFACTS_$(basename $(notdir $(1)))) | $(STAMP)
-	$(PY) report.py run $(PROFILE) $(1)
+	$(PY) report.py run $(PROFILE) $(1) $(PLACE)
 endef
 # stage i also waits for stage i-1
 $(foreach i,$(shell seq 1 $(words $(STAGES))),$(eval $(call stage,$(word $(i),$(NOTEBOOKS)),\

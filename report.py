@@ -72,10 +72,16 @@ def parse_overrides(pairs: list[list[str]]) -> dict:
     return out
 
 
+def changes_results(overrides: dict) -> dict:
+    """The overrides that change what a run computes: all but where it runs (device, scheduler)."""
+    return {k: v for k, v in overrides.items() if k not in parameters.PLACEMENT}
+
+
 def run_folder(profile: str, overrides: dict) -> Path:
-    """runs/<profile>, or runs/<profile>+<overrides> when there are any (unless -p run_dir)."""
+    """runs/<profile>, or runs/<profile>+<overrides> when any changes results (unless -p run_dir)."""
     if "run_dir" in overrides:
         return Path(overrides["run_dir"])
+    overrides = changes_results(overrides)
     if not overrides:
         return Path("runs") / profile
     text = ",".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in sorted(overrides.items()))
@@ -94,7 +100,7 @@ def resolve(profile: str, overrides: dict, notebook: Path | None = None) -> dict
     if unknown:
         fail(f"unknown parameter(s) {unknown}; the notebooks declare {sorted(known)}")
     if notebook is not None:
-        stray = sorted(set(overrides) - set(declared(notebook)) - {"run_dir", "figures_dir"})
+        stray = sorted(set(changes_results(overrides)) - set(declared(notebook)) - {"run_dir", "figures_dir"})
         if stray:
             fail(f"{notebook.name} does not declare {stray}; its parameters are "
                  f"{sorted(declared(notebook))}")
@@ -106,8 +112,8 @@ def resolve(profile: str, overrides: dict, notebook: Path | None = None) -> dict
     except ValueError as err:
         fail(f"params/{profile}.yaml with the overrides: {err}")
     run_dir = run_folder(profile, overrides)
-    figures = overrides.get("figures_dir", params.get("figures_dir", "figures") if not overrides
-                            else str(run_dir / "figures"))
+    figures = overrides.get("figures_dir", params.get("figures_dir", "figures")
+                            if not changes_results(overrides) else str(run_dir / "figures"))
     return {**params, "run_dir": str(run_dir), "figures_dir": figures}
 
 
@@ -235,11 +241,12 @@ def main(argv: list[str] | None = None) -> None:
             fail(f"{a.notebook} is not one of the report's notebooks {[n.name for n in NOTEBOOKS]}")
     params = resolve(a.profile, overrides, notebook)
     run_dir = Path(params["run_dir"])
-    if overrides and "run_dir" not in overrides:
+    own_folder = changes_results(overrides)
+    if own_folder and "run_dir" not in overrides:
         seed_from(ROOT / "runs" / a.profile, ROOT / run_dir)
     print(f"profile {a.profile!r}: run folder {run_dir}, figures in {params['figures_dir']}", file=sys.stderr)
     if notebook is not None:
-        report = ROOT / ("report" / Path(a.profile) if not overrides else run_dir / "report")
+        report = ROOT / ("report" / Path(a.profile) if not own_folder else run_dir / "report")
         run(notebook, params, a.output or report / notebook.name)
 
 

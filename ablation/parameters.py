@@ -116,6 +116,9 @@ def _seeds_ok(seeds: object) -> bool:
 
 
 SCHEDULERS = ("local", "serial")  # besides a Dask scheduler's address
+# where the work runs, not what it computes (a cell's cache key leaves them out): an override of
+# these keeps the profile's run folder, figures and report pages
+PLACEMENT = frozenset({"device", "scheduler", "workers"})
 
 
 def is_scheduler(v: object) -> bool:

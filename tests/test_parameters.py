@@ -131,6 +131,19 @@ def test_switching_profile_is_one_line_and_explicit_values_win():
         parameters.resolve_parameters({**cell, "profile": "smok"})
 
 
+def test_where_a_run_goes_changes_no_folder_and_what_it_computes_does():
+    """device and scheduler keep the profile's run folder and figures, on a stage that does not
+    declare scheduler too (make passes them to every stage); k gets a folder of its own."""
+    import report
+    nb00 = ROOT / "notebooks" / "00_language_model.ipynb"
+    placed = report.resolve("smoke", {"device": "cpu", "scheduler": "tcp://10.0.0.5:8786"}, nb00)
+    assert (placed["run_dir"], placed["figures_dir"]) == ("runs/smoke", "runs/smoke/figures")
+    own = report.resolve("smoke", {"k": 2, "scheduler": "local"})
+    assert (own["run_dir"], own["figures_dir"]) == ("runs/smoke+k=2", "runs/smoke+k=2/figures")
+    with pytest.raises(SystemExit):  # a result-changing parameter the stage does not declare
+        report.resolve("smoke", {"n_latents": 8}, nb00)
+
+
 def test_a_run_folder_of_another_profile_is_never_taken_over(tmp_path):
     lock = store.lock_run_dir(tmp_path / "runs" / "x", "authors")
     lock.close()
