@@ -210,6 +210,8 @@ def verdict(falsification: list[dict], stabilization: list[dict], skipped: Seque
     if matched:
         parts.append(f"The constraint at a matched start (RA-SAE minus TopK started at the same "
                      f"points): {_listing(matched)}.")
+    if skipped:
+        parts.append("Not testable on this grid: " + "; ".join(skipped) + ".")
     closer_matched = [t for t in matched if t["outcome"] == CLOSER]
     closer_base = [t for t in base if t["outcome"] == CLOSER]
     if closer_matched:

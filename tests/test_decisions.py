@@ -106,6 +106,8 @@ def test_tests_skip_excluded_cells_and_the_verdict_follows_them():
     assert {t["challenger"] for t in tests} == {"ra-kmeans-independent"}
     assert skipped == ["ra-random-points vs topk-random, raw: excluded, ra-random-points (raw): "
                        "held-out FVU 1.20 > 0.4"]
+    assert ("Not testable on this grid: ra-random-points vs topk-random, raw: excluded, "
+            "ra-random-points (raw): held-out FVU 1.20 > 0.4.") in decisions.verdict(tests, adv, skipped)
     none, skipped = decisions.falsification_tests(traj, ["raw"], {("topk-random", "raw"): ["x"]},
                                                   0.05, 200, 0)
     assert none == [] and len(skipped) == 2 and decisions.verdict([], [], skipped).startswith("no test could run")
