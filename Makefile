@@ -45,7 +45,7 @@ test-fast: $(STAMP)
 # JSON is missing (a clean clone), older than its notebook, the profile, the code it calls, the
 # previous stage or one of its own artifacts. `report.py run` checks every parameter of the profile before
 # anything runs, and writes the executed notebook, its HTML and JSON to report/<profile>/.
-report: $(RUN_DIR)/$(lastword $(STAGES)).json README.md
+report: $(foreach s,$(STAGES),$(RUN_DIR)/$(s).json) README.md
 
 # each stage depends on the modules whose functions it calls, and on theirs (ablation/deps.py)
 define stage
@@ -53,9 +53,13 @@ $(RUN_DIR)/$(basename $(notdir $(1))).json: $(1) params/$(PROFILE).yaml report.p
     $(shell $(PYTHON) -m ablation.deps $(1)) $(ARTIFACTS_$(basename $(notdir $(1)))) | $(STAMP)
 	$(PY) report.py run $(PROFILE) $(1) $(PLACE)
 endef
-# stage i also waits for stage i-1
+# stage i also waits for stage i-1, except where it reads an earlier one only: the galaxy (03)
+# reads the activation cache, so a new grid does not re-run it, nor a new galaxy the ablation (04)
+AFTER_03_galaxy_far_away := 01_cache_activations
+AFTER_04_initialization_ablation := 02_train_saes
 $(foreach i,$(shell seq 1 $(words $(STAGES))),$(eval $(call stage,$(word $(i),$(NOTEBOOKS)),\
-  $(if $(filter 1,$(i)),,$(RUN_DIR)/$(word $(shell echo $$(($(i)-1))),$(STAGES)).json))))
+  $(if $(filter 1,$(i)),,$(RUN_DIR)/$(or $(AFTER_$(word $(i),$(STAGES))),\
+  $(word $(shell echo $$(($(i)-1))),$(STAGES))).json))))
 
 # the verdict under every variant of the protocol (ablation/variants.py), from the report's cache
 robustness: $(RUN_DIR)/05_robustness.json

@@ -90,6 +90,8 @@ def test_a_corrupt_cell_is_named_rebuilt_and_gives_the_same_numbers(made, made_c
     cell.write_bytes(bytes(raw))
     done = run(["make", "report", "PROFILE=smoke"], made_copy)
     assert "report.py run smoke notebooks/02_train_saes.ipynb" in done.stdout  # make noticed
+    assert "notebooks/04_initialization_ablation.ipynb" in done.stdout  # and re-ran what reads it,
+    assert "notebooks/03_galaxy_far_away.ipynb" not in done.stdout  # not the galaxy (the cache's)
     executed = (made_copy / "report" / "smoke" / "02_train_saes.ipynb").read_text()
     assert f"{cell.relative_to(made_copy)}: checksum mismatch" in executed  # and said which file
     assert science(made_copy) == science(made)  # rebuilt bit-identically (truncation: test_store.py)
