@@ -10,7 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
 from ablation import labels
+from ablation.configs import CONFIGURATIONS
+from ablation.variants import DECISIVE
 
 ROOT = Path(__file__).resolve().parent
 # committed profile -> how the README names its model
@@ -361,6 +365,37 @@ def _robustness_sentence(rob: dict) -> str:
             + (f"; not rendered yet: {', '.join(missing)}" if missing else ""))
 
 
+def larger_dictionary_hours(grid: dict, factor: float) -> float | None:
+    """Hours the centered decisive cells of a stage-02 grid would take with ``factor`` times the
+    atoms, at least: ``factor`` times the tokens each cell trained, each token ``factor`` times
+    dearer, at the tokens per second the grid's own timed cells ran per architecture (cells resumed
+    from a checkpoint or saved by older code carry no whole time); None without a timed cell."""
+    arch = lambda key: CONFIGURATIONS[key.split("__")[0]][0]  # noqa: E731
+    timed = [(arch(k), c["convergence"]["tokens_trained"], c["train_seconds"])
+             for k, c in grid["cells"].items() if c.get("train_seconds") and not c.get("resumed")]
+    rate = {a: sum(t for b, t, _ in timed if b == a) / sum(s for b, _, s in timed if b == a)
+            for a in {b for b, _, _ in timed}}
+    cells = [k for k in grid["cells"] if k.endswith("__centered") and k.split("__")[0] in DECISIVE]
+    if not cells or any(arch(k) not in rate for k in cells):
+        return None
+    return sum(factor ** 2 * grid["cells"][k]["convergence"]["tokens_trained"] / rate[arch(k)]
+               for k in cells) / 3600
+
+
+def _smollm2_4x_cost() -> str:
+    """Why SmolLM2 at 4x is not in notebook 05, with what it would cost; '' before SmolLM2's grid."""
+    grid, lm = load("smollm2", "02"), load("smollm2", "01")
+    if grid is None or lm is None:
+        return ""
+    n_latents = yaml.safe_load((ROOT / "params" / "smollm2.yaml").read_text())["n_latents"]
+    factor = 4 * lm["d_model"] / n_latents
+    hours = larger_dictionary_hours(grid, factor)
+    return "" if hours is None else (
+        f" SmolLM2 at 4x ({4 * lm['d_model']:,} atoms) is not rendered: at the speed of its own stage 02 "
+        f"here, its centered decisive cells would take at least {hours:.0f} h on 2 cores ({factor:g} "
+        f"times the tokens each needed at {n_latents} atoms, each token {factor:g} times dearer).")
+
+
 def robustness_markdown() -> str:
     """Notebook 05's table: per variant, whether the outcomes held, and which moved."""
     rob = load("default", "05")
@@ -389,7 +424,7 @@ def robustness_markdown() -> str:
             "-" if r is None else f"{r['difference']:+.3f} {labels.SHORT[r['outcome']]}"
             + ("" if r["holds"] else f" (was {labels.SHORT[r['committed_outcome']]})") for r in cells) + " |")
     summary = _robustness_sentence(rob)
-    lines += ["", summary[0].upper() + summary[1:] + "."]
+    lines += ["", summary[0].upper() + summary[1:] + "." + _smollm2_4x_cost()]
     return "\n".join(lines) + "\n\n![Figure 4](figures/fig4_robustness.png)"
 
 

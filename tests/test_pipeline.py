@@ -252,3 +252,17 @@ def test_the_committed_verdict_holds_on_a_second_seed_set():
     moved = [(r["challenger"], r["reference"], r["metric"], r["outcome"], r["committed_outcome"])
              for r in rows if not r["holds"]]
     assert not moved, f"outcomes that move with the seeds: {moved}"
+
+
+def test_a_larger_dictionarys_cost_comes_from_the_grids_own_timed_cells():
+    from readme import larger_dictionary_hours
+    cell = lambda tokens, seconds, **kw: {"convergence": {"tokens_trained": tokens},  # noqa: E731
+                                          "train_seconds": seconds, **kw}
+    grid = {"cells": {"topk-random__centered": cell(1e6, 100.0),  # 10,000 tokens/s
+                      "ra-random-points__centered": cell(2e6, 400.0),  # 5,000 tokens/s
+                      "topk-random__raw": cell(1e9, 1.0, resumed=True),  # a part time: not a rate
+                      "ra-random-points__raw": cell(1e6, None)}}  # saved by older code
+    # twice the atoms: twice the tokens at half the rate, 4 x (100 + 400) s
+    assert larger_dictionary_hours(grid, 2.0) == pytest.approx(2000 / 3600)
+    grid["cells"]["ra-random-points__centered"]["train_seconds"] = None
+    assert larger_dictionary_hours(grid, 2.0) is None  # no timed archetypal cell: no estimate
