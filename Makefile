@@ -70,7 +70,7 @@ params/%.yaml:
 	@$(PY) report.py check $*
 
 # The README's generated blocks come from the committed profiles' report JSON only.
-README.md: readme.py ablation/labels.py $(wildcard report/precision_study.json) $(foreach p,$(COMMITTED),$(wildcard report/$(p)/*.json)) | $(STAMP)
+README.md: readme.py ablation/labels.py ablation/configs.py ablation/variants.py params/smollm2.yaml $(wildcard report/precision_study.json) $(foreach p,$(COMMITTED),$(wildcard report/$(p)/*.json)) | $(STAMP)
 	$(PY) readme.py
 
 lab: $(STAMP)
