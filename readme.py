@@ -14,7 +14,7 @@ import yaml
 
 from ablation import labels
 from ablation.configs import CONFIGURATIONS
-from ablation.variants import DECISIVE
+from ablation.variants import DECISIVE, VARIANTS
 
 ROOT = Path(__file__).resolve().parent
 # committed profile -> how the README names its model
@@ -352,16 +352,22 @@ def teach_markdown() -> str:
 
 
 def _robustness_sentence(rob: dict) -> str:
-    """Under which variants every Hungarian outcome held, under which one moved, which are missing."""
-    from ablation.variants import VARIANTS
-
-    held = [v for v in rob["variants"] if rob["holds"].get(v)]
-    moved = [v for v in rob["variants"] if not rob["holds"].get(v)]
+    """For each kind of comparison, the variants under which all its Hungarian outcomes held and
+    those under which one moved; then the variants not rendered."""
+    rows = [r for r in rob["rows"] if r["metric"] == "hungarian" and r["variant"] != "profile"]
+    preps = sorted({r["preprocessing"] for r in rows})
+    parts = []
+    for kind, words in (("against topk-random", "against TopK from random starts"),
+                        ("matched start", "at a matched start")):
+        moved = {r["variant"] for r in rows if r["comparison"] == kind and not r["holds"]}
+        tested = [v for v in rob["variants"] if any(r["variant"] == v and r["comparison"] == kind for r in rows)]
+        held = [v for v in tested if v not in moved]
+        if tested:
+            parts.append(f"{words} the outcomes hold under {len(held)} of {len(tested)} variants"
+                         + (f" ({', '.join(held)})" if held else "")
+                         + (f" and move under {', '.join(v for v in tested if v in moved)}" if moved else ""))
     missing = [v for v in VARIANTS if v not in rob["variants"]]
-    preps = sorted({r["preprocessing"] for r in rob["rows"]})
-    return (f"on {' and '.join(preps)} activations, every outcome holds under {len(held)} of "
-            f"{len(rob['variants'])} variants rendered" + (f" ({', '.join(held)})" if held else "")
-            + (f"; at least one moves under {', '.join(moved)}" if moved else "")
+    return (f"on {' and '.join(preps)} activations, " + "; ".join(parts)
             + (f"; not rendered yet: {', '.join(missing)}" if missing else ""))
 
 

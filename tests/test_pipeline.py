@@ -266,3 +266,18 @@ def test_a_larger_dictionarys_cost_comes_from_the_grids_own_timed_cells():
     assert larger_dictionary_hours(grid, 2.0) == pytest.approx(2000 / 3600)
     grid["cells"]["ra-random-points__centered"]["train_seconds"] = None
     assert larger_dictionary_hours(grid, 2.0) is None  # no timed archetypal cell: no estimate
+
+
+def test_the_robustness_sentence_says_per_kind_of_comparison_which_variants_moved_it():
+    from readme import _robustness_sentence
+    row = lambda v, kind, holds: {"variant": v, "comparison": kind, "holds": holds,  # noqa: E731
+                                  "metric": "hungarian", "preprocessing": "centered"}
+    rob = {"variants": ["a", "b"], "rows": [row("profile", "matched start", True),
+                                            row("a", "against topk-random", False),
+                                            row("a", "matched start", True),
+                                            row("b", "against topk-random", True),
+                                            row("b", "matched start", True)]}
+    said = _robustness_sentence(rob)
+    assert said.startswith("on centered activations, against TopK from random starts the outcomes "
+                           "hold under 1 of 2 variants (b) and move under a; at a matched start the "
+                           "outcomes hold under 2 of 2 variants (a, b); not rendered yet: ")
