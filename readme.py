@@ -215,6 +215,26 @@ def _untestable(abl: dict, reference: str, prep: str = "centered") -> str:
     return "none testable" + (f": {_flagged(abl, key)} is flagged" if abl["quality_gate"].get(key) else "")
 
 
+def _reading(abl: dict, prep: str = "centered") -> str:
+    """What the two comparisons say together, when each is unanimous: ' Read together: ...', or ''."""
+    rows = _decisive(abl, prep)
+    against = {t["outcome"] for t in rows if t["comparison"] == "against topk-random"}
+    matched = [t for t in rows if t["comparison"] == "matched start"]
+    end = lambda c: abl["endpoint"][f"{c}__{prep}"]["hungarian"]["mean"]  # noqa: E731
+    if against == {labels.EQUIVALENT} and {t["outcome"] for t in matched} == {labels.CLOSER}:
+        refs = sorted({t["reference"] for t in matched})
+        ends = ", ".join(f"`{r}` {end(r):.3f}" for r in refs)
+        return (" Read together: archetypal runs from independent starts end as close as TopK runs from "
+                "random starts, and TopK runs from the archetypal starts end further apart "
+                f"({ends} against `topk-random` {end('topk-random'):.3f}): the constraint makes up what "
+                "a data-like start costs TopK, no more.")
+    if against == {labels.CLOSER} and {t["outcome"] for t in matched} == {labels.CLOSER}:
+        return " Read together: the constraint itself brings runs closer, beyond both baselines."
+    if against == {labels.CLOSER} and {t["outcome"] for t in matched} == {labels.EQUIVALENT}:
+        return " Read together: the closeness comes from the start, not the constraint."
+    return ""
+
+
 def tldr_markdown() -> str:
     """The answer in numbers, one line per profile and control, at most 12 lines."""
     lines = []
@@ -230,7 +250,7 @@ def tldr_markdown() -> str:
                      f"{abl['equivalence_margin']:g} (Hungarian distance, archetypal minus TopK): "
                      "against TopK from random starts " + ("; ".join(map(_row, against)) or _untestable(abl, "topk-random")))
         lines.append(f"- **{label}**, the constraint at a matched start (centered): "
-                     + ("; ".join(map(_row, matched)) or "none testable"))
+                     + ("; ".join(map(_row, matched)) or "none testable") + "." + _reading(abl))
     rob = load("default", "05")
     if rob is not None:
         lines.append(f"- **Robustness** (offline GPT-NeoX): {_robustness_sentence(rob)} (Figure 4).")

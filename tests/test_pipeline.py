@@ -281,3 +281,22 @@ def test_the_robustness_sentence_says_per_kind_of_comparison_which_variants_move
     assert said.startswith("on centered activations, against TopK from random starts the outcomes "
                            "hold under 1 of 2 variants (b) and move under a; at a matched start the "
                            "outcomes hold under 2 of 2 variants (a, b); not rendered yet: ")
+
+
+def test_the_tldr_reads_the_two_comparisons_together_only_when_each_is_unanimous():
+    from ablation import labels
+    from readme import _reading
+    row = lambda kind, c, ref, outcome: {"comparison": kind, "challenger": c, "reference": ref,  # noqa: E731
+                                         "outcome": outcome, "metric": "hungarian",
+                                         "preprocessing": "centered"}
+    end = lambda v: {"hungarian": {"mean": v}}  # noqa: E731
+    abl = {"falsification": [row("against topk-random", "ra-random-points", "topk-random", labels.EQUIVALENT),
+                             row("matched start", "ra-random-points", "topk-random-points", labels.CLOSER)],
+           "endpoint": {"topk-random__centered": end(0.38), "topk-random-points__centered": end(0.44)}}
+    assert "(`topk-random-points` 0.440 against `topk-random` 0.380)" in _reading(abl)
+    abl["falsification"][0]["outcome"] = labels.CLOSER
+    assert "beyond both baselines" in _reading(abl)
+    abl["falsification"][1]["outcome"] = labels.EQUIVALENT
+    assert "comes from the start, not the constraint" in _reading(abl)
+    abl["falsification"][1]["outcome"] = labels.UNDECIDED
+    assert _reading(abl) == ""  # not unanimous: the outcomes speak for themselves
