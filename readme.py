@@ -220,17 +220,18 @@ def _reading(abl: dict, prep: str = "centered") -> str:
     rows = _decisive(abl, prep)
     against = {t["outcome"] for t in rows if t["comparison"] == "against topk-random"}
     matched = [t for t in rows if t["comparison"] == "matched start"]
+    at_matched = {t["outcome"] for t in matched}
     end = lambda c: abl["endpoint"][f"{c}__{prep}"]["hungarian"]["mean"]  # noqa: E731
-    if against == {labels.EQUIVALENT} and {t["outcome"] for t in matched} == {labels.CLOSER}:
+    if against == {labels.EQUIVALENT} and at_matched == {labels.CLOSER}:
         refs = sorted({t["reference"] for t in matched})
         ends = ", ".join(f"`{r}` {end(r):.3f}" for r in refs)
         return (" Read together: archetypal runs from independent starts end as close as TopK runs from "
                 "random starts, and TopK runs from the archetypal starts end further apart "
                 f"({ends} against `topk-random` {end('topk-random'):.3f}): the constraint makes up what "
                 "a data-like start costs TopK, no more.")
-    if against == {labels.CLOSER} and {t["outcome"] for t in matched} == {labels.CLOSER}:
+    if against == {labels.CLOSER} and at_matched == {labels.CLOSER}:
         return " Read together: the constraint itself brings runs closer, beyond both baselines."
-    if against == {labels.CLOSER} and {t["outcome"] for t in matched} == {labels.EQUIVALENT}:
+    if against == {labels.CLOSER} and at_matched == {labels.EQUIVALENT}:
         return " Read together: the closeness comes from the start, not the constraint."
     return ""
 
@@ -393,7 +394,7 @@ def _robustness_sentence(rob: dict) -> str:
 
 def larger_dictionary_hours(grid: dict, factor: float) -> float | None:
     """Hours the centered decisive cells of a stage-02 grid would take with ``factor`` times the
-    atoms, at least: ``factor`` times the tokens each cell trained, each token ``factor`` times
+    atoms, about: ``factor`` times the tokens each cell trained, each token ``factor`` times
     dearer, at the tokens per second the grid's own timed cells ran per architecture (cells resumed
     from a checkpoint or saved by older code carry no whole time); None without a timed cell."""
     arch = lambda key: CONFIGURATIONS[key.split("__")[0]][0]  # noqa: E731
@@ -418,7 +419,7 @@ def _smollm2_4x_cost() -> str:
     hours = larger_dictionary_hours(grid, factor)
     return "" if hours is None else (
         f" SmolLM2 at 4x ({4 * lm['d_model']:,} atoms) is not rendered: at the speed of its own stage 02 "
-        f"here, its centered decisive cells would take at least {hours:.0f} h on 2 cores ({factor:g} "
+        f"here, its centered decisive cells would take about {hours:.0f} h on 2 cores ({factor:g} "
         f"times the tokens each needed at {n_latents} atoms, each token {factor:g} times dearer).")
 
 

@@ -73,7 +73,7 @@ def parse_overrides(pairs: list[list[str]]) -> dict:
 
 
 def changes_results(overrides: dict) -> dict:
-    """The overrides that change what a run computes: all but where it runs (device, scheduler)."""
+    """The overrides that change what a run computes: all but where it runs (parameters.PLACEMENT)."""
     return {k: v for k, v in overrides.items() if k not in parameters.PLACEMENT}
 
 
