@@ -35,8 +35,10 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
+# the suite's notebooks and pipeline runs are mostly single-threaded, so one test process per
+# core (pytest-xdist), each test file on one of them (a file's tests share its fixtures)
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -16,6 +16,9 @@ from ablation import starts, synthetic, train
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("MPLBACKEND", "Agg")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one test process per core:
+    os.environ["OMP_NUM_THREADS"] = "1"  # one thread each, and for the kernels and makes they start
+    torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 
