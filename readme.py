@@ -72,8 +72,9 @@ def convergence_sentence(abl: dict) -> str:
             f"tokens (cap {_tokens(r0['max_tokens'])}), then decayed.")
 
 
-def results_markdown(profile: str) -> str:
-    """One profile's endpoint table, quality gate, tests and verdict, from its JSON."""
+def results_markdown(profile: str, explain: bool = True) -> str:
+    """One profile's endpoint table, quality gate, tests and verdict, from its JSON; the tables'
+    legends only with ``explain`` (the first profile's)."""
     abl, lm, gal, grid = (load(profile, s) for s in ("04", "01", "03", "02"))
     if None in (abl, lm, gal, grid):
         return _missing(profile)
@@ -88,14 +89,17 @@ def results_markdown(profile: str) -> str:
             "-" if (name, p) not in ends else _ci(ends[name, p]["hungarian"]) +
             (" †" if abl["quality_gate"][f"{name}__{p}"] else "") for p in ("raw", "centered")) + " |")
     fvu = [row["fvu"]["mean"] for row in abl["endpoint"].values()]
-    lines += ["", f"Hungarian cosine distance between runs at the end, mean over run pairs [95% bootstrap "
-              f"interval over runs]; † flagged by the quality gate. Held-out FVU {min(fvu):.3f} to "
-              f"{max(fvu):.3f}; every cell's FVU, dead latents, budget and slope: the stage-04 page.", ""]
+    lines += ["", ("Hungarian cosine distance between runs at the end, mean over run pairs [95% bootstrap "
+                   "interval over runs]; † flagged by the quality gate. " if explain else "Legends as above. ")
+              + f"Held-out FVU {min(fvu):.3f} to {max(fvu):.3f}; every cell's FVU, dead latents, budget "
+              "and slope: the stage-04 page.", ""]
     if abl["tests_skipped"]:
-        lines += ["Excluded from the tests by the quality gate:", ""] + \
-                 [f"- {s}" for s in abl["tests_skipped"]] + [""]
-    lines += [f"Endpoint tests (distance, archetypal minus TopK; 95% bootstrap interval over runs; "
-              f"margin {abl['equivalence_margin']:g}):", "",
+        flagged = [_flagged(abl, key, slope=False) for key, reasons in abl["quality_gate"].items() if reasons]
+        lines += [f"The quality gate flags {', '.join(flagged)}; the {len(abl['tests_skipped'])} tests "
+                  "that need one of them are left out.", ""]
+    lines += [(f"Endpoint tests (distance, archetypal minus TopK; 95% bootstrap interval over runs; "
+               f"margin {abl['equivalence_margin']:g}):" if explain else
+               f"Endpoint tests (margin {abl['equivalence_margin']:g}):"), "",
               "| archetypal | TopK | raw | centered |", "| --- | --- | --- | --- |"]
     tests = {(t["challenger"], t["reference"], t["preprocessing"]): t
              for t in abl["falsification"] if t["metric"] == "hungarian"}
@@ -104,8 +108,9 @@ def results_markdown(profile: str) -> str:
             "-" if t is None else f"{t['difference']:+.3f} [{t['lo']:+.3f}, {t['hi']:+.3f}] "
                                   f"{labels.SHORT[t['outcome']]}"
             for t in (tests.get((ra, topk, p)) for p in ("raw", "centered"))) + " |")
-    lines += ["", "Geometry-free control, centered (held-out activation correlation of matched latents "
-              "alive in both runs, archetypal minus TopK; the all-latent version counts a dead one as 0):", "",
+    lines += ["", "Geometry-free control, centered" + (
+              " (held-out activation correlation of matched latents alive in both runs, archetypal minus "
+              "TopK; the all-latent version counts a dead one as 0):" if explain else ":"), "",
               "| archetypal | TopK | alive latents | all latents | dead |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| `{t['challenger']}` | `{t['reference']}` | {t['difference']:+.3f} [{t['lo']:+.3f}, "
               f"{t['hi']:+.3f}] {labels.SHORT[t['outcome']]} | {t['all_latents']['difference']:+.3f} "
@@ -113,8 +118,9 @@ def results_markdown(profile: str) -> str:
               f"{t['reference_dead_share']:.0%} |" for t in abl["geometry_free"] if t["preprocessing"] == "centered"]
     lines += ["", f"**Galaxy effect on these activations:** two k-means "
               f"dictionaries look {gal['kmeans_distance_raw']:.3f} apart raw, "
-              f"{gal['kmeans_distance_centered']:.3f} centered (random: {gal['random_distance']:.3f}; "
-              f"Hungarian cosine distance); the synthetic control is in the claims table.", ""]
+              f"{gal['kmeans_distance_centered']:.3f} centered (random: {gal['random_distance']:.3f}"
+              + ("; Hungarian cosine distance); the synthetic control is in the claims table." if explain
+                 else ")."), ""]
     return "\n".join(lines)
 
 
@@ -192,10 +198,10 @@ def _reused_note(profile: str, grid: dict, reused: list[str]) -> str:
     """Which cells a profile's stage 02 loaded from an earlier run, and their training seconds
     where the cell recorded them (cells saved by older code did not)."""
     known = [grid["cells"][k]["train_seconds"] for k in reused if grid["cells"][k].get("train_seconds")]
-    return (f"`{profile}`: stage 02 reused {len(reused)} of {len(grid['cells'])} cells trained by an "
-            f"earlier run of the stage ({', '.join(f'`{k}`' for k in reused)}); "
-            + (f"their training took {sum(known):.0f} s more" if len(known) == len(reused) else
-               "their training time is not in the row") + ".")
+    unknown = len(reused) - len(known)
+    return (f"`{profile}`: stage 02 reused {len(reused)} of {len(grid['cells'])} cells trained by earlier "
+            f"runs of the stage; their training took {sum(known):,.0f} s more"
+            + (f" ({unknown} of them, saved by older code, did not record theirs)" if unknown else "") + ".")
 
 
 def _decisive(abl: dict, prep: str = "centered") -> list[dict]:
@@ -504,7 +510,7 @@ def write(readme: Path = ROOT / "README.md") -> None:
     text = readme.read_text()
     blocks = {"tldr": tldr_markdown(), "claims": claims_markdown(),
               "robustness": robustness_markdown(), "speed": speed_markdown(),
-              "results": "\n".join(f"#### Profile `{p}`\n\n{results_markdown(p)}" for p in PROFILES),
+              "results": "\n".join(f"#### Profile `{p}`\n\n{results_markdown(p, p == next(iter(PROFILES)))}" for p in PROFILES),
               "authors": authors_markdown(), "times": times_markdown(), "teach": teach_markdown()}
     for name, block in blocks.items():
         start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
