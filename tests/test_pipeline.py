@@ -300,3 +300,27 @@ def test_the_tldr_reads_the_two_comparisons_together_only_when_each_is_unanimous
     assert "comes from the start, not the constraint" in _reading(abl)
     abl["falsification"][1]["outcome"] = labels.UNDECIDED
     assert _reading(abl) == ""  # not unanimous: the outcomes speak for themselves
+
+
+def test_reused_cells_add_the_training_seconds_they_recorded_and_count_those_that_did_not():
+    from readme import _reused_note
+    grid = {"cells": {"a__raw": {"reused": True, "train_seconds": 1200.4},
+                      "b__raw": {"reused": True, "train_seconds": None},  # saved by older code
+                      "c__raw": {"reused": False, "train_seconds": 50.0}}}
+    assert _reused_note("p", grid, ["a__raw", "b__raw"]) == (
+        "`p`: stage 02 reused 2 of 3 cells trained by earlier runs of the stage; their training took "
+        "1,200 s more (1 of them, saved by older code, did not record theirs).")
+    grid["cells"]["b__raw"]["train_seconds"] = 99.6
+    assert _reused_note("p", grid, ["a__raw", "b__raw"]).endswith("took 1,300 s more.")
+
+
+def test_the_readme_names_each_flagged_cell_once_not_each_test_it_leaves_out():
+    from readme import load, results_markdown
+    abl = load("smollm2", "04")
+    if abl is None or not abl["tests_skipped"]:
+        pytest.skip("the committed smollm2 render leaves no test out")
+    said = results_markdown("smollm2", explain=False)
+    flagged = [k for k, reasons in abl["quality_gate"].items() if reasons]
+    assert said.count("(still moving") + said.count("(FVU") == len(flagged)
+    assert f"the {len(abl['tests_skipped'])} tests that need one of them are left out" in said
+    assert "Legends as above." in said and "Legends as above." not in results_markdown("smollm2")
