@@ -242,6 +242,22 @@ def _reading(abl: dict, prep: str = "centered") -> str:
     return ""
 
 
+def _pinned(abl: dict, grid: dict, prep: str = "centered") -> str:
+    """Why a matched-start comparison came out further apart, when the archetypal cell moved less
+    than the margin from its start: ' `ra` barely left its start (...)', or ''."""
+    st, margin = abl["stabilization"], abl["equivalence_margin"]
+    said = []
+    for t in _decisive(abl, prep):
+        ra, topk = st[f"{t['challenger']}__{prep}"], st[f"{t['reference']}__{prep}"]
+        if t["comparison"] == "matched start" and t["outcome"] == labels.FURTHER \
+                and abs(ra["end"] - ra["step0"]) < margin:
+            said.append(f" `{t['challenger']}` barely left its start ({ra['step0']:.3f} at step 0, "
+                        f"{ra['end']:.3f} at the end; delta is {grid['delta_over_median_norm'][prep]:.1%} of "
+                        f"the candidates' median norm), while `{t['reference']}` from the same points moved to "
+                        f"{topk['end']:.3f}: here the constraint pins each run's atoms to its own points.")
+    return "".join(said)
+
+
 def tldr_markdown() -> str:
     """The answer in numbers, one line per profile and control, at most 12 lines."""
     lines = []
@@ -257,7 +273,8 @@ def tldr_markdown() -> str:
                      f"{abl['equivalence_margin']:g} (Hungarian distance, archetypal minus TopK): "
                      "against TopK from random starts " + ("; ".join(map(_row, against)) or _untestable(abl, "topk-random")))
         lines.append(f"- **{label}**, the constraint at a matched start (centered): "
-                     + ("; ".join(map(_row, matched)) or "none testable") + "." + _reading(abl))
+                     + ("; ".join(map(_row, matched)) or "none testable") + "." + _reading(abl)
+                     + _pinned(abl, load(profile, "02")))
     rob = load("default", "05")
     if rob is not None:
         lines.append(f"- **Robustness** (offline GPT-NeoX): {_robustness_sentence(rob)} (Figure 4).")
@@ -456,8 +473,7 @@ def robustness_markdown() -> str:
         lines.append(f"| {v} | " + " | ".join(
             "-" if r is None else f"{r['difference']:+.3f} {labels.SHORT[r['outcome']]}"
             + ("" if r["holds"] else f" (was {labels.SHORT[r['committed_outcome']]})") for r in cells) + " |")
-    summary = _robustness_sentence(rob)
-    lines += ["", summary[0].upper() + summary[1:] + "." + _smollm2_4x_cost()]
+    lines += ["", "Which variants keep the outcomes: the TL;DR." + _smollm2_4x_cost()]
     return "\n".join(lines) + "\n\n![Figure 4](figures/fig4_robustness.png)"
 
 

@@ -324,3 +324,24 @@ def test_the_readme_names_each_flagged_cell_once_not_each_test_it_leaves_out():
     assert said.count("(still moving") + said.count("(FVU") == len(flagged)
     assert f"the {len(abl['tests_skipped'])} tests that need one of them are left out" in said
     assert "Legends as above." in said and "Legends as above." not in results_markdown("smollm2")
+
+
+def test_a_further_matched_start_is_explained_only_when_the_archetypal_cell_stayed_at_its_start():
+    from ablation import labels
+    from readme import _pinned
+    row = {"comparison": "matched start", "challenger": "ra-random-points", "reference": "topk-random-points",
+           "outcome": labels.FURTHER, "metric": "hungarian", "preprocessing": "centered"}
+    st = lambda step0, end: {"step0": step0, "end": end}  # noqa: E731
+    abl = {"falsification": [row], "equivalence_margin": 0.05,
+           "stabilization": {"ra-random-points__centered": st(0.370, 0.352),
+                             "topk-random-points__centered": st(0.370, 0.266)}}
+    grid = {"delta_over_median_norm": {"centered": 0.0131}}
+    assert _pinned(abl, grid) == (
+        " `ra-random-points` barely left its start (0.370 at step 0, 0.352 at the end; delta is 1.3% of "
+        "the candidates' median norm), while `topk-random-points` from the same points moved to 0.266: "
+        "here the constraint pins each run's atoms to its own points.")
+    abl["stabilization"]["ra-random-points__centered"] = st(0.284, 0.373)  # it moved: no such reading
+    assert _pinned(abl, grid) == ""
+    abl["stabilization"]["ra-random-points__centered"] = st(0.370, 0.352)
+    row["outcome"] = labels.CLOSER
+    assert _pinned(abl, grid) == ""
