@@ -199,9 +199,13 @@ def _reused_note(profile: str, grid: dict, reused: list[str]) -> str:
     where the cell recorded them (cells saved by older code did not)."""
     known = [grid["cells"][k]["train_seconds"] for k in reused if grid["cells"][k].get("train_seconds")]
     unknown = len(reused) - len(known)
+    if not known:
+        took = "saved by older code, they did not record their training time."
+    else:
+        took = (f"their training took {sum(known):,.0f} s more"
+                + (f" ({unknown} of them, saved by older code, did not record theirs)" if unknown else "") + ".")
     return (f"`{profile}`: stage 02 reused {len(reused)} of {len(grid['cells'])} cells trained by earlier "
-            f"runs of the stage; their training took {sum(known):,.0f} s more"
-            + (f" ({unknown} of them, saved by older code, did not record theirs)" if unknown else "") + ".")
+            f"runs of the stage; {took}")
 
 
 def _decisive(abl: dict, prep: str = "centered") -> list[dict]:
@@ -248,9 +252,10 @@ def _pinned(abl: dict, grid: dict, prep: str = "centered") -> str:
     st, margin = abl["stabilization"], abl["equivalence_margin"]
     said = []
     for t in _decisive(abl, prep):
+        if t["comparison"] != "matched start" or t["outcome"] != labels.FURTHER:
+            continue
         ra, topk = st[f"{t['challenger']}__{prep}"], st[f"{t['reference']}__{prep}"]
-        if t["comparison"] == "matched start" and t["outcome"] == labels.FURTHER \
-                and abs(ra["end"] - ra["step0"]) < margin:
+        if abs(ra["end"] - ra["step0"]) < margin:
             said.append(f" `{t['challenger']}` barely left its start ({ra['step0']:.3f} at step 0, "
                         f"{ra['end']:.3f} at the end; delta is {grid['delta_over_median_norm'][prep]:.1%} of "
                         f"the candidates' median norm), while `{t['reference']}` from the same points moved to "

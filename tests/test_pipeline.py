@@ -312,6 +312,10 @@ def test_reused_cells_add_the_training_seconds_they_recorded_and_count_those_tha
         "1,200 s more (1 of them, saved by older code, did not record theirs).")
     grid["cells"]["b__raw"]["train_seconds"] = 99.6
     assert _reused_note("p", grid, ["a__raw", "b__raw"]).endswith("took 1,300 s more.")
+    assert _reused_note("p", grid, ["c__raw"]).endswith("took 50 s more.")
+    grid["cells"]["a__raw"]["train_seconds"] = grid["cells"]["b__raw"]["train_seconds"] = None
+    assert _reused_note("p", grid, ["a__raw", "b__raw"]).endswith(
+        "; saved by older code, they did not record their training time.")  # not "took 0 s more"
 
 
 def test_the_readme_names_each_flagged_cell_once_not_each_test_it_leaves_out():
