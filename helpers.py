@@ -67,7 +67,9 @@ from ablation.labels import AUTHORS_CONDITIONS, AUTHORS_RULES  # noqa: F401
 
 # 05 · robustness: the verdict under every variant of the protocol
 from ablation.parameters import resolve_variant  # noqa: F401
-from ablation.variants import DECISIVE, VARIANTS, forest_rows, retrains, slug  # noqa: F401
+from ablation.variants import (  # noqa: F401
+    DECISIVE, VARIANTS, dictionary_sizes, forest_rows, retrains, slug,
+)
 from ablation.robustness import variant_tests  # noqa: F401
 
 

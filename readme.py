@@ -451,6 +451,25 @@ def _smollm2_4x_cost() -> str:
         f"times the tokens each needed at {n_latents} atoms, each token {factor:g} times dearer).")
 
 
+def _sizes_markdown(rob: dict) -> str:
+    """Notebook 05's dictionary sizes: per size, how far apart the runs of each cell whose runs
+    start apart are at step 0 and at the end; '' without a larger dictionary."""
+    rows = rob.get("dictionary_sizes", [])
+    sizes = sorted({r["n_latents"] for r in rows})
+    if len(sizes) < 2:
+        return ""
+    at = {(r["n_latents"], r["cell"]): r for r in rows}
+    cells = [c for c in dict.fromkeys(r["cell"] for r in rows) if at[sizes[0], c]["step0"] > 1e-6]
+    preps = {c.split("__")[1] for c in cells}
+    name = lambda c: f"`{c.split('__')[0]}`" + (f" {c.split('__')[1]}" if len(preps) > 1 else "")  # noqa: E731
+    lines = ["", "By dictionary size: the runs' Hungarian distance at step 0 and at the end"
+             + (f" ({preps.pop()})" if len(preps) == 1 else "") + ", for the cells whose runs start apart.", "",
+             "| atoms | " + " | ".join(name(c) for c in cells) + " |", "|" + " --- |" * (1 + len(cells))]
+    lines += [f"| {n:,} | " + " | ".join(f"{at[n, c]['step0']:.3f} -> {at[n, c]['end']:.3f}" for c in cells) + " |"
+              for n in sizes]
+    return "\n".join(lines)
+
+
 def robustness_markdown() -> str:
     """Notebook 05's table: per variant, whether the outcomes held, and which moved."""
     rob = load("default", "05")
@@ -478,7 +497,8 @@ def robustness_markdown() -> str:
         lines.append(f"| {v} | " + " | ".join(
             "-" if r is None else f"{r['difference']:+.3f} {labels.SHORT[r['outcome']]}"
             + ("" if r["holds"] else f" (was {labels.SHORT[r['committed_outcome']]})") for r in cells) + " |")
-    lines += ["", "Which variants keep the outcomes: the TL;DR." + _smollm2_4x_cost()]
+    lines += [s for s in (_sizes_markdown(rob),) if s] + [
+        "", "Which variants keep the outcomes: the TL;DR." + _smollm2_4x_cost()]
     return "\n".join(lines) + "\n\n![Figure 4](figures/fig4_robustness.png)"
 
 

@@ -3,7 +3,7 @@ here, and how the tests move under them (notebook 05)."""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 from .configs import CONFIGURATIONS
 
@@ -76,3 +76,17 @@ def forest_rows(variant: str, tests: Sequence[dict], reference: Sequence[dict]) 
                                                         "outcome")},
              "committed_outcome": ref.get(key(t)), "holds": ref.get(key(t)) == t["outcome"]}
             for t in tests]
+
+
+def dictionary_sizes(profile_atoms: int, stabilization: Mapping[str, dict], atoms: Mapping[str, int],
+                     cells: Mapping[str, Mapping[str, dict]]) -> list[dict]:
+    """One row per dictionary size and cell: the Hungarian distance between runs at step 0 and at
+    the end. The profile's rows come from notebook 04's ``stabilization`` table; each variant in
+    ``atoms`` (variant -> n_latents) brings its ``cells`` rows as variant_tests returns them."""
+    keys = sorted({c for v in atoms for c in cells[v]})
+    rows = [{"variant": "profile", "n_latents": profile_atoms, "cell": c,
+             "step0": stabilization[c]["step0"], "end": stabilization[c]["end"]} for c in keys]
+    for v, n in sorted(atoms.items(), key=lambda item: item[1]):
+        rows += [{"variant": v, "n_latents": n, "cell": c, "step0": cells[v][c]["step0_hungarian"],
+                  "end": cells[v][c]["end_hungarian"]} for c in keys]
+    return rows

@@ -349,3 +349,15 @@ def test_a_further_matched_start_is_explained_only_when_the_archetypal_cell_stay
     abl["stabilization"]["ra-random-points__centered"] = st(0.370, 0.352)
     row["outcome"] = labels.CLOSER
     assert _pinned(abl, grid) == ""
+
+
+def test_the_readme_tabulates_each_dictionary_size_for_the_cells_whose_runs_start_apart():
+    from readme import _sizes_markdown
+
+    row = lambda n, c, s0, e: {"n_latents": n, "cell": f"{c}__centered", "step0": s0, "end": e}  # noqa: E731
+    rows = [row(512, "topk-random", 0.746, 0.379), row(512, "ra-kmeans-shared", 0.0, 0.363),
+            row(1024, "topk-random", 0.702, 0.401), row(1024, "ra-kmeans-shared", 0.0, 0.371)]
+    table = _sizes_markdown({"dictionary_sizes": rows})
+    assert "| 512 | 0.746 -> 0.379 |" in table and "| 1,024 | 0.702 -> 0.401 |" in table
+    assert "ra-kmeans-shared" not in table and "(centered)" in table  # a shared start is 0 apart by design
+    assert _sizes_markdown({"dictionary_sizes": rows[:2]}) == ""  # one size: nothing to compare

@@ -65,3 +65,16 @@ def test_only_a_setting_an_architecture_reads_retrains_its_cells():
     assert variants.retrains("ra-kmeans-shared", {"delta": 4.0})
     assert variants.retrains("topk-random", {"delta": 4.0, "seeds": [8, 9]})
     assert not variants.retrains("ra-random-points", {})
+
+
+def test_dictionary_sizes_lists_the_profile_then_each_larger_dictionary_by_atoms():
+    stab = {"topk-random__centered": {"step0": 0.75, "end": 0.38}, "topk-random__raw": {"step0": 0.75, "end": 0.4},
+            "ra-random-points__centered": {"step0": 0.28, "end": 0.36}}
+    cell = lambda s, e: {"step0_hungarian": s, "end_hungarian": e}  # noqa: E731
+    cells = {"dictionary x4": {"topk-random__centered": cell(0.6, 0.5), "ra-random-points__centered": cell(0.2, 0.3)},
+             "dictionary x2": {"topk-random__centered": cell(0.7, 0.45), "ra-random-points__centered": cell(0.25, 0.33)}}
+    rows = variants.dictionary_sizes(512, stab, {"dictionary x4": 2048, "dictionary x2": 1024}, cells)
+    assert [(r["n_latents"], r["cell"]) for r in rows] == [
+        (n, c) for n in (512, 1024, 2048) for c in ("ra-random-points__centered", "topk-random__centered")]
+    assert [r["step0"] for r in rows if r["cell"] == "topk-random__centered"] == [0.75, 0.7, 0.6]
+    assert rows[0]["variant"] == "profile" and rows[-1]["end"] == 0.5  # raw, absent from the variants, is left out
