@@ -94,8 +94,8 @@ def results_markdown(profile: str, explain: bool = True) -> str:
               + f"Held-out FVU {min(fvu):.3f} to {max(fvu):.3f}; every cell's FVU, dead latents, budget "
               "and slope: the stage-04 page.", ""]
     if abl["tests_skipped"]:
-        flagged = [_flagged(abl, key, slope=False) for key, reasons in abl["quality_gate"].items() if reasons]
-        lines += [f"The quality gate flags {', '.join(flagged)}; the {len(abl['tests_skipped'])} tests "
+        flagged = _flagged_cells(abl, [key for key, reasons in abl["quality_gate"].items() if reasons])
+        lines += [f"The quality gate flags {flagged}; the {len(abl['tests_skipped'])} tests "
                   "that need one of them are left out.", ""]
     lines += [(f"Endpoint tests (distance, archetypal minus TopK; 95% bootstrap interval over runs; "
                f"margin {abl['equivalence_margin']:g}):" if explain else
@@ -139,11 +139,21 @@ def _flagged(abl: dict, key: str, slope: bool = True) -> str:
     return f"`{name}` {prep} ({_gate_reason(abl['quality_gate'][key], abl['convergence'][key], slope)})"
 
 
+def _flagged_cells(abl: dict, keys: list[str]) -> str:
+    """The flagged cells ``keys`` named once per configuration and reason: '`name` raw and
+    centered (why)'."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for key in keys:
+        name, prep = key.split("__")
+        why = _gate_reason(abl["quality_gate"][key], abl["convergence"][key], False)
+        groups.setdefault((name, why), []).append(prep)
+    return ", ".join(f"`{name}` {' and '.join(preps)} ({why})" for (name, why), preps in groups.items())
+
+
 def _authors_flagged(abl: dict) -> list[str]:
-    """The cells of an authors profile's Table 3 that the quality gate flags, each with why."""
-    gate = abl["quality_gate"]
-    return [_flagged(abl, key, slope=False) for r in abl["authors_table"]
-            if gate.get(key := f"{r['configuration']}__{r['preprocessing']}")]
+    """The cells of an authors profile's Table 3 that the quality gate flags."""
+    return [key for r in abl["authors_table"]
+            if abl["quality_gate"].get(key := f"{r['configuration']}__{r['preprocessing']}")]
 
 
 def authors_markdown() -> str:
@@ -174,7 +184,7 @@ def authors_markdown() -> str:
     for p in cols:
         if flagged := _authors_flagged(tables[p]):
             lines += [f"On the {AUTHORS_PROFILES[p]}, {len(flagged)} of {len(tables[p]['authors_table'])} "
-                      f"cells are flagged, so the pattern is not established there: {', '.join(flagged)}.", ""]
+                      f"cells are flagged, so the pattern is not established there: {_flagged_cells(tables[p], flagged)}.", ""]
     return "\n".join(lines)
 
 
