@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from ablation import labels
-from ablation.configs import CONFIGURATIONS
+from ablation.configs import BASELINE, CONFIGURATIONS
 from ablation.variants import DECISIVE, VARIANTS
 
 ROOT = Path(__file__).resolve().parent
@@ -412,22 +412,39 @@ def teach_markdown() -> str:
 
 def _robustness_sentence(rob: dict) -> str:
     """For each kind of comparison, the variants under which all its Hungarian outcomes held and
-    those under which one moved; then the variants not rendered."""
+    those under which one moved (with the outcomes it moved to); then the variants not rendered."""
     rows = [r for r in rob["rows"] if r["metric"] == "hungarian" and r["variant"] != "profile"]
     preps = sorted({r["preprocessing"] for r in rows})
     parts = []
     for kind, words in (("against topk-random", "against TopK from random starts"),
                         ("matched start", "at a matched start")):
-        moved = {r["variant"] for r in rows if r["comparison"] == kind and not r["holds"]}
+        moved: dict[str, list[str]] = {}
+        for r in rows:
+            if r["comparison"] == kind and not r["holds"]:
+                moved.setdefault(r["variant"], []).append(labels.SHORT[r["outcome"]])
         tested = [v for v in rob["variants"] if any(r["variant"] == v and r["comparison"] == kind for r in rows)]
         held = [v for v in tested if v not in moved]
         if tested:
             parts.append(f"{words} the outcomes hold under {len(held)} of {len(tested)} variants"
                          + (f" ({', '.join(held)})" if held else "")
-                         + (f" and move under {', '.join(v for v in tested if v in moved)}" if moved else ""))
+                         + (" and move under " + ", ".join(f"{v} (to {' and '.join(dict.fromkeys(moved[v]))})"
+                                                           for v in tested if v in moved) if moved else ""))
     missing = [v for v in VARIANTS if v not in rob["variants"]]
-    return (f"on {' and '.join(preps)} activations, " + "; ".join(parts)
+    return (f"on {' and '.join(preps)} activations, " + "; ".join(parts) + _size_clause(rob)
             + (f"; not rendered yet: {', '.join(missing)}" if missing else ""))
+
+
+def _size_clause(rob: dict) -> str:
+    """How far apart the baseline's and ``ra-kmeans-independent``'s centered runs end at the
+    profile's size and at the largest dictionary rendered; '' without both."""
+    end = {(r["n_latents"], r["cell"]): r["end"] for r in rob.get("dictionary_sizes", [])}
+    sizes = sorted({n for n, _ in end})
+    cells = [f"{c}__centered" for c in (BASELINE, "ra-kmeans-independent")]
+    if len(sizes) < 2 or any((n, c) not in end for n in (sizes[0], sizes[-1]) for c in cells):
+        return ""
+    moved = [f"{end[sizes[0], c]:.3f} -> {end[sizes[-1], c]:.3f}" for c in cells]
+    return (f"; from {sizes[0]:,} to {sizes[-1]:,} atoms, `{BASELINE}` runs end {moved[0]} apart and "
+            f"`ra-kmeans-independent` runs {moved[1]}")
 
 
 def larger_dictionary_hours(grid: dict, factor: float) -> float | None:

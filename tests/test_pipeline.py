@@ -271,7 +271,8 @@ def test_a_larger_dictionarys_cost_comes_from_the_grids_own_timed_cells():
 def test_the_robustness_sentence_says_per_kind_of_comparison_which_variants_moved_it():
     from readme import _robustness_sentence
     row = lambda v, kind, holds: {"variant": v, "comparison": kind, "holds": holds,  # noqa: E731
-                                  "metric": "hungarian", "preprocessing": "centered"}
+                                  "metric": "hungarian", "preprocessing": "centered",
+                                  "outcome": "archetypal closer by more than the margin"}
     rob = {"variants": ["a", "b"], "rows": [row("profile", "matched start", True),
                                             row("a", "against topk-random", False),
                                             row("a", "matched start", True),
@@ -279,7 +280,7 @@ def test_the_robustness_sentence_says_per_kind_of_comparison_which_variants_move
                                             row("b", "matched start", True)]}
     said = _robustness_sentence(rob)
     assert said.startswith("on centered activations, against TopK from random starts the outcomes "
-                           "hold under 1 of 2 variants (b) and move under a; at a matched start the "
+                           "hold under 1 of 2 variants (b) and move under a (to closer); at a matched start the "
                            "outcomes hold under 2 of 2 variants (a, b); not rendered yet: ")
 
 
@@ -373,3 +374,15 @@ def test_flagged_cells_are_named_once_per_configuration_and_reason():
                            "ra-kmeans-shared__raw": {"converged": True}}}
     assert _flagged_cells(abl, list(abl["quality_gate"])) == \
         "`topk-random` raw and centered (still moving), `ra-kmeans-shared` raw (FVU 0.56 > 0.4)"
+
+
+def test_the_robustness_sentence_says_how_the_baseline_and_a_challenger_move_with_dictionary_size():
+    from readme import _size_clause
+    row = lambda n, c, e: {"n_latents": n, "cell": f"{c}__centered", "step0": 0.5, "end": e}  # noqa: E731
+    rows = [row(512, "topk-random", 0.379), row(512, "ra-kmeans-independent", 0.361),
+            row(2048, "topk-random", 0.45), row(2048, "ra-kmeans-independent", 0.30),
+            row(1024, "topk-random", 0.418), row(1024, "ra-kmeans-independent", 0.322)]
+    assert _size_clause({"dictionary_sizes": rows}) == (
+        "; from 512 to 2,048 atoms, `topk-random` runs end 0.379 -> 0.450 apart and "
+        "`ra-kmeans-independent` runs 0.361 -> 0.300")
+    assert _size_clause({"dictionary_sizes": rows[:2]}) == "" and _size_clause({}) == ""
