@@ -133,19 +133,13 @@ def _gate_reason(reasons: list[str], record: dict, slope: bool = True) -> str:
     return "; ".join(fvu + moving)
 
 
-def _flagged(abl: dict, key: str, slope: bool = True) -> str:
-    """'`name` prep (why the quality gate flags it)', for a flagged cell ``key``."""
-    name, prep = key.split("__")
-    return f"`{name}` {prep} ({_gate_reason(abl['quality_gate'][key], abl['convergence'][key], slope)})"
-
-
-def _flagged_cells(abl: dict, keys: list[str]) -> str:
+def _flagged_cells(abl: dict, keys: list[str], slope: bool = False) -> str:
     """The flagged cells ``keys`` named once per configuration and reason: '`name` raw and
-    centered (why)'."""
+    centered (why)'; with ``slope``, a cell still moving gives its last slope."""
     groups: dict[tuple[str, str], list[str]] = {}
     for key in keys:
         name, prep = key.split("__")
-        why = _gate_reason(abl["quality_gate"][key], abl["convergence"][key], False)
+        why = _gate_reason(abl["quality_gate"][key], abl["convergence"][key], slope)
         groups.setdefault((name, why), []).append(prep)
     return ", ".join(f"`{name}` {' and '.join(preps)} ({why})" for (name, why), preps in groups.items())
 
@@ -232,7 +226,7 @@ def _row(t: dict) -> str:
 def _untestable(abl: dict, reference: str, prep: str = "centered") -> str:
     """'none testable', and why when the quality gate flags the ``reference`` cell."""
     key = f"{reference}__{prep}"
-    return "none testable" + (f": {_flagged(abl, key)} is flagged" if abl["quality_gate"].get(key) else "")
+    return "none testable" + (f": {_flagged_cells(abl, [key], slope=True)} is flagged" if abl["quality_gate"].get(key) else "")
 
 
 def _reading(abl: dict, prep: str = "centered") -> str:
