@@ -491,6 +491,20 @@ def _sizes_markdown(rob: dict) -> str:
     return "\n".join(lines)
 
 
+def _variant_seconds(rob: dict) -> str:
+    """What training each variant's own cells took, from their recorded seconds; '' where a cell
+    of them was saved by older code (it carries none)."""
+    own = {v: [c for k, c in rob["cells"][v].items() if k.split("__")[0] not in rob["profile_cells"][v]]
+           for v in rob["variants"]}
+    if any(c.get("train_seconds") is None for cs in own.values() for c in cs):
+        return ""
+    resumed = sum(c["resumed"] for cs in own.values() for c in cs)
+    return ("Training each variant's own cells took here: "
+            + ", ".join(f"{v} {sum(c['train_seconds'] for c in cs):,.0f} s" for v, cs in own.items() if cs)
+            + (f" (cells resumed from a checkpoint: {resumed}; their earlier share is not counted)" if resumed else "")
+            + ".")
+
+
 def robustness_markdown() -> str:
     """Notebook 05's table: per variant, whether the outcomes held, and which moved."""
     rob = load("default", "05")
@@ -519,7 +533,8 @@ def robustness_markdown() -> str:
             "-" if r is None else f"{r['difference']:+.3f} {labels.SHORT[r['outcome']]}"
             + ("" if r["holds"] else f" (was {labels.SHORT[r['committed_outcome']]})") for r in cells) + " |")
     lines += [s for s in (_sizes_markdown(rob),) if s] + [
-        "", "Which variants keep the outcomes: the TL;DR." + _smollm2_4x_cost()]
+        "", " ".join(s for s in ("Which variants keep the outcomes: the TL;DR.", _variant_seconds(rob))
+                     if s) + _smollm2_4x_cost()]
     return "\n".join(lines) + "\n\n![Figure 4](figures/fig4_robustness.png)"
 
 

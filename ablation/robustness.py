@@ -20,7 +20,8 @@ def variant_tests(folders: Mapping[str, str | os.PathLike], preprocessing: Seque
     gate, then every comparison under the margin. ``folders`` maps each configuration to the run
     folder whose saes/ hold its cells (the variant's own, or the profile's where the variant does
     not change them). Returns the test rows, the skipped comparisons, the flagged cells with why,
-    and each cell's step-0 and final Hungarian distance (mean over run pairs) and held-out FVU."""
+    and each cell's step-0 and final Hungarian distance (mean over run pairs), held-out FVU and
+    training seconds (None if saved by older code; a resumed cell's counts its last process only)."""
     keys = [(n, p) for n in folders for p in preprocessing]
     cells = {k: load_cell(folders[k[0]], *k) for k in keys}
     traj = {k: cell_trajectory(c) for k, c in cells.items()}
@@ -33,6 +34,8 @@ def variant_tests(folders: Mapping[str, str | os.PathLike], preprocessing: Seque
         cell_rows["__".join(k)] = {"step0_hungarian": float(np.nanmean(traj[k]["hungarian"][0])),
                                    "end_hungarian": float(np.nanmean(traj[k]["hungarian"][-1])),
                                    "fvu": summary["fvu"][0], "tokens": int(traj[k]["tokens"][-1]),
-                                   "flagged": "; ".join(excluded[k])}
+                                   "flagged": "; ".join(excluded[k]),
+                                   "train_seconds": cell.get("train_seconds"),
+                                   "resumed": bool(cell.get("resumed", False))}
     tests, skipped = falsification_tests(traj, preprocessing, excluded, margin, n_boot, seed)
     return {"tests": tests, "skipped": skipped, "cells": cell_rows}

@@ -342,6 +342,7 @@ def test_05_retrains_the_decisive_cells_per_variant_and_reuses_them(run_copy):
     cell = store.load_result(saes / "ra-random-points__centered.safetensors", {})
     assert cell["meta"]["n_latents"] == 64 and cell["dictionaries"].shape[-2] == 64  # 2 x smoke's 32
     assert out["cells"]["dictionary x2"]["topk-random__centered"]["step0_hungarian"] > 0.5
+    assert all(c["train_seconds"] > 0 and not c["resumed"] for c in out["cells"]["dictionary x2"].values())
     sizes = {(r["n_latents"], r["cell"]): r for r in out["dictionary_sizes"]}
     assert {n for n, _ in sizes} == {32, 64} and len(sizes) == 2 * len(out["decisive"]) * 2
     random0 = [sizes[n, "topk-random__centered"]["step0"] for n in (32, 64)]

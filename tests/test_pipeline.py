@@ -386,3 +386,17 @@ def test_the_robustness_sentence_says_how_the_baseline_and_a_challenger_move_wit
         "; from 512 to 2,048 atoms, `topk-random` runs end 0.379 -> 0.450 apart and "
         "`ra-kmeans-independent` runs 0.361 -> 0.300")
     assert _size_clause({"dictionary_sizes": rows[:2]}) == "" and _size_clause({}) == ""
+
+
+def test_the_readme_says_what_training_each_variants_own_cells_took():
+    from readme import _variant_seconds
+    cell = lambda s, resumed=False: {"train_seconds": s, "resumed": resumed}  # noqa: E731
+    rob = {"variants": ["dictionary x2", "delta x4"],
+           "cells": {"dictionary x2": {"topk-random__centered": cell(1179.4), "ra-kmeans-shared__centered": cell(434.0)},
+                     "delta x4": {"topk-random__centered": cell(9999.0), "ra-kmeans-shared__centered": cell(120.2, True)}},
+           "profile_cells": {"dictionary x2": [], "delta x4": ["topk-random"]}}  # not the variant's: not counted
+    assert _variant_seconds(rob) == ("Training each variant's own cells took here: dictionary x2 1,613 s, "
+                                     "delta x4 120 s (cells resumed from a checkpoint: 1; their earlier share "
+                                     "is not counted).")
+    rob["cells"]["delta x4"]["ra-kmeans-shared__centered"]["train_seconds"] = None  # saved by older code
+    assert _variant_seconds(rob) == ""
