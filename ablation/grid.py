@@ -185,6 +185,11 @@ def cell_file(run_dir: str | os.PathLike, name: str, prep: str, suffix: str = ".
     return Path(run_dir) / "saes" / f"{name}__{prep}{suffix}"
 
 
+def cell_timing(cell: dict) -> dict:
+    """A saved cell's training seconds (None if saved by older code) and whether it resumed."""
+    return {"train_seconds": cell.get("train_seconds"), "resumed": bool(cell.get("resumed", False))}
+
+
 def run_cell(job: CellJob) -> dict:
     """Train one cell, or load it when saved for job.meta, holding the cell's lock; return what
     notebook 02 tabulates: the loss curve, the clipped share, the convergence record, this call's
@@ -213,8 +218,7 @@ def run_cell(job: CellJob) -> dict:
     finally:
         torch.set_num_threads(before)
     return {"loss": res["loss"], "clipped": res["clipped"], "convergence": res["convergence"],
-            "seconds": time.perf_counter() - started, "reused": not trained,
-            "train_seconds": res.get("train_seconds"), "resumed": bool(res.get("resumed", False))}
+            "seconds": time.perf_counter() - started, "reused": not trained, **cell_timing(res)}
 
 
 TRAIN_KEYS = ("n_latents", "k", "n_candidates", "delta", "min_sae_tokens", "max_sae_tokens",

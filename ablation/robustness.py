@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .decisions import falsification_tests, quality_gate
-from .grid import load_cell
+from .grid import cell_timing, load_cell
 from .stats import cell_endpoint, cell_trajectory, endpoint_summary
 
 
@@ -34,8 +34,6 @@ def variant_tests(folders: Mapping[str, str | os.PathLike], preprocessing: Seque
         cell_rows["__".join(k)] = {"step0_hungarian": float(np.nanmean(traj[k]["hungarian"][0])),
                                    "end_hungarian": float(np.nanmean(traj[k]["hungarian"][-1])),
                                    "fvu": summary["fvu"][0], "tokens": int(traj[k]["tokens"][-1]),
-                                   "flagged": "; ".join(excluded[k]),
-                                   "train_seconds": cell.get("train_seconds"),
-                                   "resumed": bool(cell.get("resumed", False))}
+                                   "flagged": "; ".join(excluded[k]), **cell_timing(cell)}
     tests, skipped = falsification_tests(traj, preprocessing, excluded, margin, n_boot, seed)
     return {"tests": tests, "skipped": skipped, "cells": cell_rows}
