@@ -18,7 +18,7 @@ from ablation.configs import BASELINE, COMPARISONS, CONFIGURATIONS  # noqa: F401
 from ablation.memory import trim_heap_every
 from ablation.parameters import PARAMETERS, resolve_device, resolve_parameters  # noqa: F401
 from ablation.plots import (  # noqa: F401
-    STYLES, plot_forest, plot_tests_over_training, plot_trajectories, save_figure, set_style,
+    STYLES, plot_forest, plot_schedule, plot_trajectories, save_figure, set_style,
 )
 from ablation.store import (  # noqa: F401
     cached_result, claim_run_dir, code_hash, lock_run_dir, read_meta, write_json_atomic,
@@ -42,11 +42,12 @@ from ablation.kernels import kernel_backend  # noqa: F401
 from ablation.sae import RelaxedArchetypalSAE, TopKSAE, dense_codes, unit_rows  # noqa: F401
 from ablation.starts import kmeans_centroids, make_sae  # noqa: F401
 from ablation.train import train_saes  # noqa: F401
-from ablation.convergence import convergence_row  # noqa: F401
+from ablation.schedule import budget_tokens  # noqa: F401
 from ablation.grid import (  # noqa: F401
-    TRAIN_KEYS, CellJob, cell_jobs, fvu_of_mse, load_cell, shared_starts, start_scale_effect,
-    train_cell, training_set,
+    TRAIN_KEYS, CellJob, TrainSettings, cell_jobs, fvu_of_mse, median_norm, resolved_delta,
+    start_scale_effect, train_cell, training_set,
 )
+from ablation.records import load_records  # noqa: F401
 from ablation.cluster import cell_runner, local_workers, map_cells  # noqa: F401
 
 # 03 · galaxy far away
@@ -55,20 +56,20 @@ from ablation.synthetic import galaxy_toy_data, synthetic_control  # noqa: F401
 
 # 04 · the ablation: distances over training, the quality gate, the tests, the verdict
 from ablation.stats import (  # noqa: F401
-    cell_endpoint, cell_trajectory, chance_levels, endpoint_summary, protocol_noise, stability_table,
-    trajectory_curves,
+    budget_curves, cell_budgets, cell_summary, cell_trajectory, chance_levels, endpoint_summary,
+    stability_table, trajectory_curves,
 )
 from ablation.decisions import (  # noqa: F401
     authors_pattern, authors_table, falsification_tests, geometry_free_tests,
-    ground_truth_summary, outcome_settled, quality_gate, stabilization_tests, tests_over_training,
-    verdict,
+    ground_truth_summary, quality_gate, stabilization_tests, tests_over_budgets, verdict,
+    verdict_over_budgets,
 )
 from ablation.labels import AUTHORS_CONDITIONS, AUTHORS_RULES  # noqa: F401
 
 # 05 · robustness: the verdict under every variant of the protocol
 from ablation.parameters import resolve_variant  # noqa: F401
 from ablation.variants import (  # noqa: F401
-    DECISIVE, VARIANTS, dictionary_sizes, forest_rows, retrains, slug,
+    DECISIVE, VARIANTS, dictionary_sizes, forest_rows, reading, slug,
 )
 from ablation.robustness import variant_tests  # noqa: F401
 

@@ -191,3 +191,21 @@ def layer_stats(bridge, windows: np.ndarray, drop_first: bool = True) -> list[di
         acts = cache[f"blocks.{layer}.hook_resid_post"][:, int(drop_first):]
         rows.append({"layer": layer, **activation_stats(acts.reshape(-1, acts.shape[-1]).cpu())})
     return rows
+
+
+def cache_definition(cache_dir: str | os.PathLike) -> dict:
+    """What defines a folder's activation caches, not their bits: each cache's metadata without its
+    checksums (model, hook, text, windows, tokens, code), and the model's own definition (its
+    training settings and code for a model trained here; its source otherwise). Floats cached
+    on two machines differ in their last bits; their definitions do not."""
+    folder = Path(cache_dir)
+    out = {}
+    for split in ("train", "heldout"):
+        meta = read_meta(folder / f"acts_{split}.json")
+        if meta is None:
+            raise FileNotFoundError(f"{folder / f'acts_{split}.json'} is missing: run notebook 01 first")
+        out[split] = {k: v for k, v in meta.items() if k not in ("sha256", "shape", "model_sha256")}
+    model = read_meta(folder / "model" / "meta.json")
+    out["model"] = None if model is None else \
+        {k: v for k, v in model.items() if k not in ("sha256", "loss_curve")}
+    return out

@@ -68,13 +68,13 @@ def map_cells(jobs: Sequence[CellJob], client: object | None) -> list[dict]:
 
     def report(i: int, out: dict) -> None:
         """Record a finished cell and say so."""
-        c = out["convergence"]
+        made = out["record"]["made"]
         done[i] = out
         bar.update()
-        print(f"{jobs[i].name} / {jobs[i].prep}: {'reused' if out['reused'] else 'trained'} in "
-              f"{out['seconds']:.0f} s, "
-              f"{'converged' if c['converged'] else 'not converged within the cap'} at "
-              f"{c['full_rate_tokens']:,} tokens", flush=True)
+        how = (f"reused ({made['commit']}, {made['machine']}, {made['date'][:10]}: "
+               f"{made['seconds']['train']:.0f} s of training there)" if out["found"] else
+               f"trained in {made['seconds']['train']:.0f} s, evaluated in {made['seconds']['evaluate']:.0f} s")
+        print(f"{jobs[i].name} / {jobs[i].prep}: {how}", flush=True)
 
     if client is None:
         for i, job in enumerate(jobs):

@@ -44,6 +44,11 @@ MATCHED_START = {"ra-kmeans-shared": "topk-kmeans-shared",
                  "ra-kmeans-independent": "topk-kmeans-independent",
                  "ra-random-points": "topk-random-points"}
 
-# every comparison the report decides: (comparison, archetypal configuration, TopK reference)
+# the constraint alone, its parameterization held fixed: the RA-SAE against the same W C + Lambda
+# and exp(m) trained without the projection, from the same shared start
+PARAMETERIZATION_MATCHED = ("ra-kmeans-shared", "ra-projection-off")
+
+# every comparison the report decides: (comparison, archetypal configuration, reference)
 COMPARISONS = (*(("against topk-random", c, BASELINE) for c in CHALLENGERS),
-               *(("matched start", ra, topk) for ra, topk in MATCHED_START.items()))
+               *(("matched start", ra, topk) for ra, topk in MATCHED_START.items()),
+               ("matched start", *PARAMETERIZATION_MATCHED))

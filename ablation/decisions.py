@@ -7,7 +7,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .configs import BASELINE, COMPARISONS, PREPROCESSING
-from .convergence import at_full_rate
+from .convergence import settled
 from .labels import (
     AGREES_LESS, AGREES_MORE, AUTHORS_CONDITIONS, AUTHORS_RULES, AUTHORS_TABLE3, CLOSER, EQUIVALENT,
     FURTHER, SHARED_START, UNCONSTRAINED_SHARED, UNDECIDED,
@@ -40,20 +40,16 @@ def compare_runs(a: np.ndarray, b: np.ndarray, margin: float, n_boot: int = 2000
             "outcome": outcome(lo, hi, margin, agreement)}
 
 
-def quality_gate(fvu_value: float, record: dict, max_fvu: float) -> list[str]:
-    """Why a cell cannot support a verdict (empty when it can): it must reconstruct held-out
-    activations with FVU <= max_fvu, and it must have converged at the full learning rate
-    (``record``: its convergence record, ``convergence.convergence`` plus the tokens trained)."""
+def quality_gate(fvu_value: float, dead_share: float, max_fvu: float, max_dead_share: float) -> list[str]:
+    """Why a cell cannot support a verdict (empty when it can): at its largest budget it must
+    reconstruct held-out activations with FVU <= max_fvu and have at most max_dead_share of its
+    latents dead. (Whether it still moves is not a gate: the budgets show the motion.)"""
     reasons = []
     if not fvu_value <= max_fvu:
         reasons.append(f"held-out FVU {fvu_value:.2f} > {max_fvu:g}"
                        + (" (worse than predicting the mean)" if fvu_value > 1 else ""))
-    if not record["converged"]:
-        reasons.append(f"not converged within the cap of {record['max_tokens']:,} tokens: slope "
-                       f"{record['slope']:+.3f} per doubling [{record['lo']:+.3f}, {record['hi']:+.3f}] "
-                       f"at {record['tokens']:,} tokens (the doubling before: "
-                       f"{record['slope_before']:+.3f} [{record['lo_before']:+.3f}, "
-                       f"{record['hi_before']:+.3f}]), not both within +-{record['tolerance']:g}")
+    if not dead_share <= max_dead_share:
+        reasons.append(f"{dead_share:.0%} of latents dead > {max_dead_share:.0%}")
     return reasons
 
 
@@ -81,82 +77,89 @@ def _row(comparison: str, c: str, ref: str, prep: str, **rest: object) -> dict:
     return {"comparison": comparison, "challenger": c, "reference": ref, "preprocessing": prep, **rest}
 
 
-def falsification_tests(traj: dict, preprocessing: Sequence[str], excluded: dict, margin: float,
+ENDPOINT_METRICS = ("mean_min", "hungarian", "hungarian_alive")  # the distances the tests decide on
+
+
+def falsification_tests(mats: dict, preprocessing: Sequence[str], excluded: dict, margin: float,
                         n_boot: int = 2000, seed: int = 0) -> tuple[list[dict], list[str]]:
-    """Do archetypal runs end closer than TopK runs? Endpoint distance, archetypal minus TopK, per
-    metric and preprocessing: against TopK from random starts (the brief's test), and against
-    TopK started at the same kind of points (the constraint's own effect)."""
-    pairs, skipped = _pairs(traj, preprocessing, excluded)
-    rows = [_row(*pair, metric=metric, **compare_runs(traj[pair[1], pair[3]][metric][-1],
-                                                      traj[pair[2], pair[3]][metric][-1],
-                                                      margin, n_boot, seed))
-            for pair in pairs for metric in ("mean_min", "hungarian")]
+    """Do archetypal runs end closer than TopK runs? The distance at one budget (``mats``: cell ->
+    metric -> run-by-run matrix), archetypal minus reference, per metric (``ENDPOINT_METRICS``: all
+    atoms and atoms alive in both runs) and preprocessing: against TopK from random starts (the
+    brief's test), and against a reference from the same start (the constraint's own effect)."""
+    pairs, skipped = _pairs(mats, preprocessing, excluded)
+    rows = [_row(*pair, metric=metric, **compare_runs(mats[pair[1], pair[3]][metric],
+                                                      mats[pair[2], pair[3]][metric], margin, n_boot, seed))
+            for pair in pairs for metric in ENDPOINT_METRICS]
     return rows, skipped
 
 
-def stabilization_tests(traj: dict, preprocessing: Sequence[str], excluded: dict, margin: float,
-                        n_boot: int = 2000, seed: int = 0) -> tuple[list[dict], list[str]]:
-    """Do archetypal runs come closer over training than TopK runs do? The change end minus step
-    0, archetypal minus TopK; an advantage when closer by more than the margin."""
-    pairs, skipped = _pairs(traj, preprocessing, excluded)
+def stabilization_tests(step0: dict, mats: dict, preprocessing: Sequence[str], excluded: dict,
+                        margin: float, n_boot: int = 2000, seed: int = 0) -> tuple[list[dict], list[str]]:
+    """Do archetypal runs come closer over training than TopK runs do? The change from step 0
+    (``step0``: cell -> run-by-run Hungarian matrix) to the largest budget (``mats``), archetypal
+    minus reference; an advantage when closer by more than the margin."""
+    pairs, skipped = _pairs(mats, preprocessing, excluded)
     rows = []
     for comparison, c, ref, p in pairs:
-        for metric in ("mean_min", "hungarian"):
-            a, b = traj[c, p][metric], traj[ref, p][metric]
-            res = compare_runs(a[-1] - a[0], b[-1] - b[0], margin, n_boot, seed)
-            rows.append(_row(comparison, c, ref, p, metric=metric,
-                             challenger_change=float(np.nanmean(a[-1] - a[0])),
-                             reference_change=float(np.nanmean(b[-1] - b[0])),
-                             **res, stabilization_advantage=res["outcome"] == CLOSER))
+        a, b = mats[c, p]["hungarian"] - step0[c, p], mats[ref, p]["hungarian"] - step0[ref, p]
+        res = compare_runs(a, b, margin, n_boot, seed)
+        rows.append(_row(comparison, c, ref, p, metric="hungarian",
+                         challenger_change=float(np.nanmean(a)), reference_change=float(np.nanmean(b)),
+                         **res, stabilization_advantage=res["outcome"] == CLOSER))
     return rows, skipped
 
 
-def tests_over_training(traj: dict, preprocessing: Sequence[str], margin: float,
-                        n_boot: int = 2000, seed: int = 0) -> list[dict]:
-    """Both comparisons (``COMPARISONS``) over training, Hungarian: the endpoint difference
-    ('falsification') and the change since step 0 ('stabilization'), archetypal minus TopK, at
-    every token count where both cells have a snapshot at the full rate (stage 'full rate'); past
-    the end of the cell that converged first, that cell held at its last full-rate snapshot
-    against the other's later ones (stage 'held'); then at both cells' ends (stage 'end')."""
+def tests_over_budgets(budgets: dict, preprocessing: Sequence[str], margin: float, n_boot: int = 2000,
+                       seed: int = 0) -> list[dict]:
+    """Every comparison (``COMPARISONS``) at every budget, Hungarian, archetypal minus reference,
+    after the cooldown ('branch') and on the trunk ('trunk'): the difference, its 95% interval
+    over runs and its outcome. ``budgets``: cell -> reading -> stats.cell_budgets."""
     rows = []
     for comparison, c, ref in COMPARISONS:
         for p in preprocessing:
-            if (c, p) not in traj or (ref, p) not in traj:
+            if (c, p) not in budgets or (ref, p) not in budgets:
                 continue
-            a, b = traj[c, p], traj[ref, p]
-            full = [{int(x["tokens"][i]): i for i in np.flatnonzero(at_full_rate(x["lr"]))}
-                    for x in (a, b)]
-            points = []
-            for t in sorted(set(full[0]) | set(full[1])):
-                ij = [f.get(t, f[max(f)] if t > max(f) else None) for f in full]
-                if None not in ij:
-                    points.append((t, *ij, "full rate" if all(t in f for f in full) else "held"))
-            points.append((int(max(a["tokens"][-1], b["tokens"][-1])), -1, -1, "end"))
-            ha, hb = a["hungarian"], b["hungarian"]
-            for t, i, j, stage in points:
-                for test, (x, y) in (("falsification", (ha[i], hb[j])),
-                                     ("stabilization", (ha[i] - ha[0], hb[j] - hb[0]))):
-                    rows.append(_row(comparison, c, ref, p, tokens=t, stage=stage, test=test,
-                                     **compare_runs(x, y, margin, n_boot, seed)))
+            for reading in ("branch", "trunk"):
+                for a, b in zip(budgets[c, p][reading], budgets[ref, p][reading]):
+                    rows.append(_row(comparison, c, ref, p, reading=reading, tokens=int(a["tokens"]),
+                                     **compare_runs(a["pairs"]["hungarian"], b["pairs"]["hungarian"],
+                                                    margin, n_boot, seed)))
     return rows
 
 
-def outcome_settled(over) -> list[dict]:
-    """Per test, comparison, challenger and preprocessing of ``tests_over_training`` (a
-    DataFrame): the outcome at the end and the smallest token count from which every later
-    point, the end included, has that outcome (None: only the end has it)."""
+def _half_difference(a: np.ndarray, b: np.ndarray, half: slice) -> float:
+    """mean(a) - mean(b) over the run pairs within one half of the runs."""
+    return float(np.nanmean(a[half, half]) - np.nanmean(b[half, half]))
+
+
+def verdict_over_budgets(over: Sequence[dict], budgets: dict, tolerance: float, excluded: dict) -> list[dict]:
+    """Per comparison and preprocessing: its outcome at the largest budget (after the cooldown),
+    whether that outcome is settled (``convergence.settled``), and the noise of its *difference*:
+    what the cooldown moves it by (branch against trunk), what the last doubling moved it by, and
+    what a second seed set moves it by (the first half of the runs against the second; None with
+    fewer than four runs). A comparison whose cell the quality gate flags says so."""
     out = []
-    if over.empty:  # no comparison in this grid
-        return out
-    keys = ["test", "comparison", "challenger", "reference", "preprocessing"]
-    for (test, comparison, c, ref, p), g in over.groupby(keys, sort=False):
-        g = g.assign(last=g.stage == "end").sort_values(["last", "tokens"])
-        outcomes = g.outcome.to_numpy()
-        same = outcomes == outcomes[-1]
-        first = len(same) - int(np.argmin(same[::-1])) if not same.all() else 0
-        settled = int(g.tokens.iloc[first]) if first < len(g) - 1 else None
-        out.append(_row(comparison, c, ref, p, test=test, outcome=str(outcomes[-1]),
-                        settled_from=settled, end_difference=float(g.difference.iloc[-1])))
+    keys = list(dict.fromkeys((r["comparison"], r["challenger"], r["reference"], r["preprocessing"])
+                              for r in over))
+    for comparison, c, ref, p in keys:
+        rows = [r for r in over if (r["comparison"], r["challenger"], r["reference"], r["preprocessing"])
+                == (comparison, c, ref, p)]
+        branch = sorted((r for r in rows if r["reading"] == "branch"), key=lambda r: r["tokens"])
+        trunk = sorted((r for r in rows if r["reading"] == "trunk"), key=lambda r: r["tokens"])
+        last = branch[-1]
+        margin = last["margin"]
+        state = settled(branch, tolerance, lambda lo, hi: outcome(lo, hi, margin))
+        a, b = (budgets[n, p]["branch"][-1]["pairs"]["hungarian"] for n in (c, ref))
+        n = len(a) // 2
+        seed_sets = abs(_half_difference(a, b, slice(0, n)) - _half_difference(a, b, slice(n, None))) \
+            if n >= 2 else None
+        flagged = [f"{x} ({p}): {'; '.join(excluded[x, p])}" for x in (c, ref) if excluded.get((x, p))]
+        out.append(_row(comparison, c, ref, p, tokens=last["tokens"], difference=last["difference"],
+                        lo=last["lo"], hi=last["hi"], outcome=last["outcome"], margin=margin,
+                        **state, flagged=flagged,
+                        noise={"cooldown": abs(last["difference"] - trunk[-1]["difference"]),
+                               "last_doubling": None if state["moved"] is None else abs(state["moved"]),
+                               "seed_sets": seed_sets}))
     return out
 
 

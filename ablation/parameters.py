@@ -140,6 +140,9 @@ _NUMBER = (_num(0), "a number >= 0")
 _CLIP = (_num(0), "a number >= 0 (0: no clipping)")
 _SHARE = (_num(0, 1), "a number in [0, 1)")
 _BOOL = ((lambda v: isinstance(v, bool)), "true or false")
+_UNIT = (_num(0, 1, hi_closed=True), "a number in [0, 1]")
+_OPT_NUMBER = ((lambda v: v is None or _num(0, lo_open=True)(v)), "None or a number > 0")
+_OPT_STR = ((lambda v: v is None or (isinstance(v, str) and bool(v))), "None or a non-empty string")
 _STR = ((lambda v: isinstance(v, str) and bool(v)), "a non-empty string")
 _DTYPE = ((lambda v: v in ("float32", "float16")), "'float32' or 'float16'")
 _DEVICE = (_is_device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
@@ -170,6 +173,8 @@ PARAMETERS: dict[str, Parameter] = {
     "model_name": P('"local-gptneox"', _STR, '"local-gptneox" (train here), "smollm2" (packaged GGUF), or a hub name / folder'),
     "run_dir": P('None', _STR, "the git-ignored outputs (model, caches, cells, JSON); None: runs/<profile>"),
     "figures_dir": P('"figures"', _STR, 'where figures go, as PNG and PDF'),
+    "cells_dir": P('None', _OPT_STR, "where the record of each cell is written and first looked for; None: report/<profile>/cells (committed) for the run folder of the profile, else run_dir/cells"),
+    "fresh": P('False', _BOOL, "retrain every cell, even one whose committed record matches (FRESH of make report)"),
     "lm_seed": P('0', _NONNEG, "seeds the language model's weights and the order of its training windows"),
     "vocab_size": P('4096', _POS, 'BPE vocabulary size'),
     "d_model": P('128', _POS, 'residual-stream width'),
@@ -198,15 +203,16 @@ PARAMETERS: dict[str, Parameter] = {
     "n_latents": P('512', _POS, 'dictionary atoms per SAE'),
     "k": P('16', _POS, 'active latents per token'),
     "n_candidates": P('512', _POS, 'k-means centroids or candidate points per run; atoms past n_candidates start at zero'),
-    "delta": P('1.0', _NUMBER, 'RA-SAE relaxation radius, absolute (reference default)'),
-    "min_sae_tokens": P('2_000_000', _POS, 'tokens each run trains at the full rate before its convergence is first judged (a guard against an early plateau)'),
-    "max_sae_tokens": P('32_000_000', _POS, 'the cap: tokens at the full rate after which a run that has not converged stops, flagged'),
+    "delta_share": P('0.1', _POSITIVE, "RA-SAE relaxation radius as a share of the median norm of the candidate points on each preprocessing (0.1: what the reference delta of 1 is on the offline model), one share for every profile"),
+    "delta": P('None', _OPT_NUMBER, "an absolute relaxation radius instead of delta_share (the authors set 0.1); None: delta_share times the median candidate norm"),
+    "sae_budget": P('16_000_000', _POS, 'the largest token budget; every cell of a profile trains this one schedule (a trunk at the full rate, a cooldown branch at each budget)'),
+    "n_budgets": P('5', _POS, 'budgets on the doubling grid ending at sae_budget: sae_budget / 2^i for i < n_budgets'),
     "sae_batch_size": P('1024', _POS, 'tokens per step'),
     "precision": P('"float32"', _PRECISION, '"float32" or "bfloat16": the SAE encoder\'s matmul precision (parameters, Adam, loss and metrics stay float32)'),
     "scheduler": P('"serial"', _SCHEDULER, '"serial": cells one after another in this process, with all its threads (the faster on 2 cores: benchmarks/bench_scheduler.py); "local": in parallel on a Dask LocalCluster of single-thread worker processes; or a Dask scheduler\'s address (tcp://host:port), e.g. one started by dask-jobqueue'),
     "workers": P('0', _NONNEG, 'worker processes of the "local" cluster; 0: one per CPU core'),
     "sae_lr": P('5e-3', _POSITIVE, "Adam learning rate (the authors' rate)"),
-    "lr_decay": P('0.2', _SHARE, 'final share of all steps over which the learning rate falls linearly to 0 (for the grid: after convergence)'),
+    "lr_decay": P('0.2', _SHARE, "the cooldown of each budget: its branch leaves the trunk at (1 - lr_decay) x budget and the rate falls linearly to 0 at the budget (0: no decay)"),
     "clip_grad": P('1.0', _CLIP, "per-run gradient-norm clip, as overcomplete's train_sae; 0: off"),
     "dead_penalty": P('1e-3', _NUMBER, "the authors' dead-latent term (pushes up latents silent on a whole batch)"),
     "aux_k": P('0', _NONNEG, 'AuxK latents of Gao et al. for TopK SAEs; 0: off'),
@@ -217,9 +223,9 @@ PARAMETERS: dict[str, Parameter] = {
     "train_tokens": P('0', _NONNEG, '0: train on the whole cache; else on a fixed set of this many cached tokens'),
     "n_fit_tokens": P('50_000', _POS, 'activations sampled for k-means, candidates, the data mean and the start scale'),
     "kmeans_shared_seed": P('0', _NONNEG, 'the one k-means seed every kmeans-shared run reuses'),
-    "n_log_snapshots": P('14', _NONNEG, 'log-spaced snapshots up to min_sae_tokens / 4 (dense early)'),
-    "snapshots_per_doubling": P('8', _int(2), 'snapshots per doubling of tokens from min_sae_tokens / 4 on (the convergence slopes are fitted over the last two doublings)'),
-    "converge_tolerance": P('0.025', _POSITIVE, "converged: the 95% intervals of the Hungarian distance's slope per doubling of tokens, at the full rate, over each of the last two doublings lie within +-this (at most equivalence_margin / 2)"),
+    "n_log_snapshots": P('14', _NONNEG, "log-spaced trunk snapshots up to the smallest budget / 4 (dense early)"),
+    "snapshots_per_doubling": P('8', _int(2), "trunk snapshots per doubling of tokens from the smallest budget / 4 on (the slope of each cell per doubling is fitted over its last doubling)"),
+    "converge_tolerance": P('0.025', _POSITIVE, "settled: a comparison keeps its outcome from the budget below to the largest, its difference moved by less than this over that doubling, and moving as much again would not change its outcome (at most equivalence_margin / 2)"),
     "n_scale_steps": P('100', _POS, 'steps of the start-scale comparison'),
     "dose_scales": P('[0.0, 1.0, 4.0, 16.0]', _SCALES, 'multiples of the real |mu| for the dose-response'),
     "dose_sae_latents": P('256', _POS, 'latents of the dose-response SAEs (at most n_candidates)'),
@@ -230,6 +236,7 @@ PARAMETERS: dict[str, Parameter] = {
     "variants": P(repr(list(VARIANTS)), _VARIANTS, "the robustness stage's variants, each a set of overrides stated once in ablation/variants.py"),
     "n_boot": P('2000', _int(100), 'bootstrap resamples (over runs) for every interval'),
     "max_fvu": P('0.4', _POSITIVE, 'quality gate: a cell must reconstruct held-out activations with at most this FVU'),
+    "max_dead_share": P('0.5', _UNIT, "quality gate: at most this share of the latents of a cell may be dead on held-out activations"),
     "synthetic_tokens": P('1_000_000', _POS, 'tokens each synthetic-control SAE sees'),
     "synthetic_d": P('64', _POS, 'dimension of the synthetic data'),
     "synthetic_atoms": P('128', _POS, 'atoms of the known dictionary (and latents of the SAEs)'),
@@ -294,12 +301,20 @@ def load_profile(profile: str) -> dict:
     return {**params, "profile": profile}
 
 
+def profile_cells_dir(profile: str, run_dir: str) -> str:
+    """Where a run's cell records go: the profile's committed report/<profile>/cells for its own
+    run folder runs/<profile>, else run_dir/cells (an override run keeps its records to itself)."""
+    root = PROFILES.parent
+    own = (root / run_dir).resolve() == (root / "runs" / profile).resolve()
+    return f"report/{profile}/cells" if own else str(Path(run_dir) / "cells")
+
+
 def resolve_parameters(declared: dict) -> dict:
     """A stage's parameters: each left at None takes its profile's value, else its default.
 
     ``declared`` maps the stage's parameter names to their values as set (None where nothing set
     them); a value set by papermill (-p, or -f params/<profile>.yaml) or by editing the cell is
-    kept. run_dir None is runs/<profile>. Every value is checked, alone and together.
+    kept. run_dir None is runs/<profile>, cells_dir None ``profile_cells_dir``. Every value is checked, alone and together.
     """
     profile = declared.get("profile") or default("profile")
     values = load_profile(profile)
@@ -307,6 +322,8 @@ def resolve_parameters(declared: dict) -> dict:
     params["profile"] = profile
     if "run_dir" in params and params["run_dir"] is None:
         params["run_dir"] = f"runs/{profile}"
+    if "cells_dir" in params and params["cells_dir"] is None:
+        params["cells_dir"] = profile_cells_dir(profile, params.get("run_dir", f"runs/{profile}"))
     check_parameters(params)
     check_together(params)
     return params
@@ -323,14 +340,14 @@ def check_together(params: dict) -> None:
     if "n_candidates" in p and "n_fit_tokens" in p and p["n_candidates"] > p["n_fit_tokens"]:
         bad.append(f"n_candidates={p['n_candidates']} must be at most n_fit_tokens="
                    f"{p['n_fit_tokens']} (k-means and random points draw from the fit sample)")
-    if "min_sae_tokens" in p and "max_sae_tokens" in p and p["min_sae_tokens"] > p["max_sae_tokens"]:
-        bad.append(f"min_sae_tokens={p['min_sae_tokens']:,} must be at most max_sae_tokens="
-                   f"{p['max_sae_tokens']:,}")
-    if {"min_sae_tokens", "sae_batch_size", "snapshots_per_doubling"} <= set(p) and \
-            p["min_sae_tokens"] < p["sae_batch_size"] * p["snapshots_per_doubling"]:
-        bad.append(f"min_sae_tokens={p['min_sae_tokens']:,} must be at least sae_batch_size x "
-                   f"snapshots_per_doubling = {p['sae_batch_size'] * p['snapshots_per_doubling']:,}, "
-                   "so that the last doubling holds distinct snapshots")
+    if {"sae_budget", "n_budgets", "sae_batch_size", "snapshots_per_doubling"} <= set(p):
+        smallest = p["sae_budget"] // 2 ** (p["n_budgets"] - 1)
+        need = p["sae_batch_size"] * p["snapshots_per_doubling"]
+        if smallest < need:
+            bad.append(f"sae_budget={p['sae_budget']:,} over n_budgets={p['n_budgets']} doublings leaves "
+                       f"a smallest budget of {smallest:,} tokens; it must be at least sae_batch_size x "
+                       f"snapshots_per_doubling = {need:,}, so that every doubling holds distinct "
+                       "snapshots: raise sae_budget or lower n_budgets")
     if "converge_tolerance" in p and "equivalence_margin" in p and \
             not p["converge_tolerance"] <= p["equivalence_margin"] / 2:
         bad.append(f"converge_tolerance={p['converge_tolerance']:g} must be at most "
@@ -350,10 +367,10 @@ def check_together(params: dict) -> None:
         raise ValueError("invalid parameter(s): " + "; ".join(bad))
 
 
-def resolve_variant(params: dict, name: str, slowest_tokens: int) -> dict:
+def resolve_variant(params: dict, name: str) -> dict:
     """The profile's parameters under robustness variant ``name`` (ablation/variants.py), checked
     by the same rules as any override, before anything trains."""
-    over = variant_overrides(name, params, slowest_tokens)
+    over = variant_overrides(name, params)
     varied = {**params, **over}
     try:
         check_parameters(varied)

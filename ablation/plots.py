@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .convergence import at_full_rate
 
 
 # one colour, line style and marker per configuration, told apart in print and by colour-blind readers
@@ -41,6 +40,26 @@ def save_figure(fig, name: str, figures_dir: str | os.PathLike) -> Path:
     return out / f"{name}.png"
 
 
+def plot_schedule(budgets: Sequence[int], lr: float, lr_decay: float):
+    """The one schedule every cell trains on: the trunk at the full rate and each budget's
+    cooldown branch, the learning rate against tokens seen."""
+    import matplotlib.pyplot as plt
+
+    from .schedule import learning_rates
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for i, (tokens, rates) in enumerate(learning_rates(list(budgets), lr, lr_decay)):
+        ax.plot(tokens, rates, color="0.2" if i == 0 else "C0", lw=2.2 if i == 0 else 1.4,
+                label="trunk (no decay)" if i == 0 else ("cooldown branches" if i == 1 else None))
+        if i:
+            ax.plot(tokens[-1:], [0], marker="o", color="C0", ms=5)
+    ax.set_xscale("log")
+    ax.set(xlabel="tokens seen", ylabel="learning rate", ylim=(-0.05 * lr, 1.15 * lr),
+           title=f"{len(budgets)} budgets from one run; dot: the cell at that budget")
+    ax.legend(fontsize=8, loc="lower left")
+    return fig
+
+
 def plot_trajectories(curves, chance: dict, metric: str, preprocessing: Sequence[str],
                       configurations: Sequence[str], flagged: Iterable[tuple[str, str]] = (),
                       model: str = ""):
@@ -67,16 +86,12 @@ def plot_trajectories(curves, chance: dict, metric: str, preprocessing: Sequence
             ax.fill_between(c.tokens, c.lo, c.hi, color=color, alpha=0.25, lw=0, zorder=2)
             ax.plot(c.tokens, c["mean"], color=color, ls=ls, marker=marker, ms=4, lw=1.8, zorder=3,
                     label=name, mfc="white" if (name, prep) in flagged else color)
-            judged = c[at_full_rate(c.lr)].tail(1)  # converged (or capped): the final decay begins
-            ax.plot(judged.tokens, judged["mean"], color=color, marker="|", ms=16, mew=2, ls="", zorder=4)
         ax.set_xscale("symlog", linthresh=max(1, int(curves.tokens[curves.tokens > 0].min())))
         ax.set_xlim(left=0)
         ax.set(title=f"{prep} activations", xlabel="tokens seen",
                ylabel=label + "\n(lower: runs agree more)")
     fig.suptitle(model)
     handles, labels = axes[0][-1].get_legend_handles_labels()
-    handles.append(plt.Line2D([], [], color="0.3", marker="|", ms=12, mew=2, ls=""))
-    labels.append("|: converged at the full rate; the final decay follows")
     if flagged:
         handles.append(plt.Line2D([], [], color="0.3", marker="o", mfc="white", ls=""))
         labels.append("hollow markers: flagged by the quality gate")

@@ -1,39 +1,39 @@
-"""Notebook 04's tests recomputed on the cells of one robustness variant (notebook 05)."""
+"""Notebook 04's tests recomputed on the records of one robustness variant (notebook 05)."""
 
 from __future__ import annotations
 
-import os
 from typing import Mapping, Sequence
 
 import numpy as np
-import torch
 
-from .decisions import falsification_tests, quality_gate
-from .grid import cell_timing, load_cell
-from .stats import cell_endpoint, cell_trajectory, endpoint_summary
+from .decisions import falsification_tests, quality_gate, tests_over_budgets, verdict_over_budgets
+from .stats import cell_budgets, cell_trajectory, endpoint_summary
 
 
-def variant_tests(folders: Mapping[str, str | os.PathLike], preprocessing: Sequence[str],
-                  x_eval: torch.Tensor, x_train: torch.Tensor, max_fvu: float, margin: float,
+def variant_tests(records: Mapping[tuple[str, str], dict], reading: str, preprocessing: Sequence[str],
+                  max_fvu: float, max_dead_share: float, margin: float, tolerance: float,
                   n_boot: int, seed: int) -> dict:
-    """The falsification tests of a variant's cells through notebook 04's functions: the quality
-    gate, then every comparison under the margin. ``folders`` maps each configuration to the run
-    folder whose saes/ hold its cells (the variant's own, or the profile's where the variant does
-    not change them). Returns the test rows, the skipped comparisons, the flagged cells with why,
-    and each cell's step-0 and final Hungarian distance (mean over run pairs), held-out FVU and
-    training seconds (None if saved by older code; a resumed cell's counts its last process only)."""
-    keys = [(n, p) for n in folders for p in preprocessing]
-    cells = {k: load_cell(folders[k[0]], *k) for k in keys}
-    traj = {k: cell_trajectory(c) for k, c in cells.items()}
-    excluded, cell_rows = {}, {}
-    for k, cell in cells.items():
-        end = cell_endpoint(cell, x_eval, k[0], x_train)
-        summary = endpoint_summary({m: traj[k][m][-1] for m in ("mean_min", "hungarian", "matched_share")},
-                                   end, n_boot, seed)
-        excluded[k] = quality_gate(summary["fvu"][0], cell["convergence"], max_fvu)
-        cell_rows["__".join(k)] = {"step0_hungarian": float(np.nanmean(traj[k]["hungarian"][0])),
-                                   "end_hungarian": float(np.nanmean(traj[k]["hungarian"][-1])),
-                                   "fvu": summary["fvu"][0], "tokens": int(traj[k]["tokens"][-1]),
-                                   "flagged": "; ".join(excluded[k]), **cell_timing(cell)}
-    tests, skipped = falsification_tests(traj, preprocessing, excluded, margin, n_boot, seed)
-    return {"tests": tests, "skipped": skipped, "cells": cell_rows}
+    """The falsification tests of a variant's cells through notebook 04's functions, read after
+    the cooldown ('branch') or on the trunk ('trunk'): the quality gate, every comparison at the
+    largest budget under the margin, and its verdict over budgets. Returns the test rows, the
+    skipped comparisons, the verdict over budgets, and per cell its step-0 and final Hungarian
+    distance (mean over run pairs), held-out FVU, budget and training seconds."""
+    budgets = {k: {r: cell_budgets(rec, r) for r in ("branch", "trunk")} for k, rec in records.items()}
+    if reading == "trunk":  # the variant's own reading stands where notebook 04 reads the branch
+        budgets = {k: {"branch": b["trunk"], "trunk": b["trunk"]} for k, b in budgets.items()}
+    ends = {k: b["branch"][-1] for k, b in budgets.items()}
+    excluded, cells = {}, {}
+    for k, end in ends.items():
+        summary = endpoint_summary(end, n_boot, seed)
+        excluded[k] = quality_gate(summary["fvu"][0], summary["dead_fraction"][0], max_fvu, max_dead_share)
+        step0 = cell_trajectory(records[k])["hungarian"][0]
+        cells["__".join(k)] = {"step0_hungarian": float(np.nanmean(step0)),
+                               "end_hungarian": float(np.nanmean(end["pairs"]["hungarian"])),
+                               "fvu": summary["fvu"][0], "tokens": int(end["tokens"]),
+                               "flagged": "; ".join(excluded[k]),
+                               "train_seconds": records[k]["made"]["seconds"]["train"]}
+    tests, skipped = falsification_tests({k: e["pairs"] for k, e in ends.items()}, preprocessing,
+                                         excluded, margin, n_boot, seed)
+    over = tests_over_budgets(budgets, preprocessing, margin, n_boot, seed)
+    return {"tests": tests, "skipped": skipped, "cells": cells,
+            "over_budgets": verdict_over_budgets(over, budgets, tolerance, excluded)}

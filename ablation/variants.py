@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Mapping, NamedTuple, Sequence
 
-from .configs import CONFIGURATIONS
 
 
 class Scaled(NamedTuple):
@@ -14,51 +13,45 @@ class Scaled(NamedTuple):
     factor: float
 
 
-SLOWEST = "slowest"  # the full-rate tokens of the profile's slowest decisive cell (stage 02)
 DISJOINT = "disjoint"  # as many seeds as the profile has, all above its largest
+TRUNK = "trunk"  # trains nothing: the profile's cells read on their trunk (no decay) at every budget
 
 # A larger dictionary trains each latent less per token (a latent fires on about
-# tokens x k / n_latents of them), so its minimum budget and cap scale with n_latents / k.
+# tokens x k / n_latents of them), so its budgets scale with n_latents / k. A delta variant scales
+# the share (and an absolute delta, where a profile sets one).
 VARIANTS: dict[str, dict[str, object]] = {
-    "tolerance 0.01": {"converge_tolerance": 0.01},
-    "no final decay": {"lr_decay": 0.0},
-    "equal budgets": {"min_sae_tokens": SLOWEST, "max_sae_tokens": SLOWEST},
-    "delta x0.25": {"delta": Scaled(0.25)},
-    "delta x4": {"delta": Scaled(4.0)},
-    "dictionary x2": {"n_latents": Scaled(2), "n_candidates": Scaled(2),
-                      "min_sae_tokens": Scaled(2), "max_sae_tokens": Scaled(2)},
-    "dictionary x4": {"n_latents": Scaled(4), "n_candidates": Scaled(4),
-                      "min_sae_tokens": Scaled(4), "max_sae_tokens": Scaled(4)},
+    "no final decay": {"reading": TRUNK},
     "second seed set": {"seeds": DISJOINT},
+    "delta x4": {"delta_share": Scaled(4.0), "delta": Scaled(4.0)},
+    "delta x0.25": {"delta_share": Scaled(0.25), "delta": Scaled(0.25)},
+    "dictionary x2": {"n_latents": Scaled(2), "n_candidates": Scaled(2), "sae_budget": Scaled(2)},
+    "dictionary x4": {"n_latents": Scaled(4), "n_candidates": Scaled(4), "sae_budget": Scaled(4)},
 }
 # the cells whose comparisons decide the verdict: the baseline, the challengers, their TopK twins
 DECISIVE = ("topk-random", "ra-kmeans-shared", "ra-kmeans-independent", "ra-random-points",
-            "topk-kmeans-shared", "topk-kmeans-independent", "topk-random-points")
-
-# settings an architecture's cells never read: a variant that changes only these reuses the
-# profile's own cells of that architecture instead of training copies (a TopK SAE has no delta)
-UNREAD = {"topk": frozenset({"delta"}), "ra": frozenset()}
+            "topk-kmeans-shared", "topk-kmeans-independent", "topk-random-points", "ra-projection-off")
 
 
-def retrains(configuration: str, changed: dict) -> bool:
-    """Whether a variant that changes the settings ``changed`` changes a configuration's cells."""
-    return bool(set(changed) - UNREAD[CONFIGURATIONS[configuration][0]])
-
-
-def variant_overrides(name: str, params: dict, slowest_tokens: int) -> dict:
-    """The parameter values variant ``name`` sets, resolved against the profile's ``params``."""
+def variant_overrides(name: str, params: dict) -> dict:
+    """The parameter values variant ``name`` sets, resolved against the profile's ``params`` (its
+    reading, 'branch' or 'trunk', is not a parameter and is left out)."""
     out = {}
     for key, value in VARIANTS[name].items():
+        if key == "reading" or params.get(key) is None:
+            continue
         if isinstance(value, Scaled):
             scaled = params[key] * value.factor
             out[key] = int(round(scaled)) if isinstance(params[key], int) else float(scaled)
-        elif value == SLOWEST:
-            out[key] = slowest_tokens
         elif value == DISJOINT:
             out[key] = [max(params[key]) + 1 + i for i in range(len(params[key]))]
         else:
             out[key] = value
     return out
+
+
+def reading(name: str) -> str:
+    """Which reading of each budget a variant tests: 'branch' (after the cooldown) or 'trunk'."""
+    return "trunk" if VARIANTS[name].get("reading") == TRUNK else "branch"
 
 
 def slug(name: str) -> str:
