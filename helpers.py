@@ -18,7 +18,8 @@ from ablation.configs import BASELINE, COMPARISONS, CONFIGURATIONS  # noqa: F401
 from ablation.memory import trim_heap_every
 from ablation.parameters import PARAMETERS, resolve_device, resolve_parameters  # noqa: F401
 from ablation.plots import (  # noqa: F401
-    STYLES, plot_forest, plot_schedule, plot_trajectories, save_figure, set_style,
+    STYLES, plot_forest, plot_schedule, plot_trajectories, plot_verdict_over_budgets, save_figure,
+    set_style,
 )
 from ablation.store import (  # noqa: F401
     cached_result, claim_run_dir, code_hash, lock_run_dir, read_meta, write_json_atomic,
@@ -50,17 +51,19 @@ from ablation.grid import (  # noqa: F401
 from ablation.records import load_records  # noqa: F401
 from ablation.cluster import cell_runner, local_workers, map_cells  # noqa: F401
 
-# 03 · galaxy far away
+# 03 · galaxy far away, and stable is not correct
 from ablation.metrics import fvu, hungarian_cosine_distance, scalar_mean_r2  # noqa: F401
 from ablation.synthetic import galaxy_toy_data, synthetic_control  # noqa: F401
+from ablation.decisions import ground_truth_summary  # noqa: F401
 
 # 04 · the ablation: distances over training, the quality gate, the tests, the verdict
+from ablation.convergence import last_doubling_slope  # noqa: F401
 from ablation.stats import (  # noqa: F401
     budget_curves, cell_budgets, cell_summary, cell_trajectory, chance_levels, endpoint_summary,
     stability_table, trajectory_curves,
 )
 from ablation.decisions import (  # noqa: F401
-    authors_pattern, authors_table, falsification_tests, geometry_free_tests,
+    authors_pattern, authors_table, claims, falsification_tests, galaxy_test, geometry_free_tests,
     ground_truth_summary, quality_gate, stabilization_tests, tests_over_budgets, verdict,
     verdict_over_budgets,
 )

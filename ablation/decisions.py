@@ -9,8 +9,9 @@ import numpy as np
 from .configs import BASELINE, COMPARISONS, PREPROCESSING
 from .convergence import settled
 from .labels import (
-    AGREES_LESS, AGREES_MORE, AUTHORS_CONDITIONS, AUTHORS_RULES, AUTHORS_TABLE3, CLOSER, EQUIVALENT,
-    FURTHER, SHARED_START, UNCONSTRAINED_SHARED, UNDECIDED,
+    AGREES_LESS, AGREES_MORE, AUTHORS_CONDITIONS, AUTHORS_RULES, AUTHORS_TABLE3, CLAIMS, CLOSER,
+    CONTRADICTED, EQUIVALENT, FURTHER, NOT_ESTABLISHED, SHARED_START, SUPPORTED, UNCONSTRAINED_SHARED,
+    UNDECIDED,
 )
 from .bootstrap import bootstrap_runs
 
@@ -184,64 +185,89 @@ def geometry_free_tests(mats: dict, preprocessing: Sequence[str], excluded: dict
     return rows, skipped
 
 
-_SHORT = {CLOSER: "closer", FURTHER: "further apart", EQUIVALENT: "equivalent",
-          UNDECIDED: "undecided"}
+def _status_of_null(rows: Sequence[dict]) -> str:
+    """A 'no advantage' claim over its comparisons: contradicted when a settled comparison finds
+    archetypal runs closer by more than the margin, supported when every one is settled within the
+    margin or further apart, not established otherwise (undecided, still moving, flagged)."""
+    if not rows:
+        return NOT_ESTABLISHED
+    ok = [r["settled"] and not r["flagged"] for r in rows]
+    if any(o and r["outcome"] == CLOSER for o, r in zip(ok, rows)):
+        return CONTRADICTED
+    return SUPPORTED if all(ok) and all(r["outcome"] in (EQUIVALENT, FURTHER) for r in rows) else NOT_ESTABLISHED
 
 
-def _listing(rows: Sequence[dict]) -> str:
-    """'name vs reference (prep) outcome (difference [lo, hi])' for each row, joined by ';'."""
-    return "; ".join(f"{r['challenger']} vs {r['reference']} ({r['preprocessing']}) "
-                     f"{_SHORT[r['outcome']]} ({r['difference']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}])"
-                     for r in rows)
+def _status_of_effect(rows: Sequence[dict]) -> str:
+    """A claim that archetypal runs end closer: supported when every comparison is settled closer,
+    contradicted when a settled one is within the margin or further apart, else not established."""
+    if not rows:
+        return NOT_ESTABLISHED
+    ok = [r["settled"] and not r["flagged"] for r in rows]
+    if any(o and r["outcome"] in (EQUIVALENT, FURTHER) for o, r in zip(ok, rows)):
+        return CONTRADICTED
+    return SUPPORTED if all(ok) and all(r["outcome"] == CLOSER for r in rows) else NOT_ESTABLISHED
 
 
-def verdict(falsification: list[dict], stabilization: list[dict], skipped: Sequence[str] = ()) -> str:
-    """The verdict, built from the outcomes of the Hungarian comparisons under the margin: each
-    comparison named with its outcome and interval, then what they say together."""
-    hung = [t for t in falsification if t["metric"] == "hungarian"]
-    if not hung:
-        return ("no test could run: the quality gate excluded " + "; ".join(skipped) + "."
-                if skipped else "not tested: the grid has no archetypal configuration beside the "
-                "TopK SAE it is compared with.")
-    margin = hung[0]["margin"]  # every row carries the margin it was decided against
-    base = [t for t in hung if t["comparison"] == "against topk-random"]
-    matched = [t for t in hung if t["comparison"] == "matched start"]
-    parts = [f"Decided against a margin of {margin:g} in Hungarian cosine distance (95% intervals "
-             "over runs)."]
-    if base:
-        parts.append(f"Against TopK from random starts: {_listing(base)}.")
-    if matched:
-        parts.append(f"The constraint at a matched start (RA-SAE minus TopK started at the same "
-                     f"points): {_listing(matched)}.")
-    if skipped:
-        parts.append("Not testable on this grid: " + "; ".join(skipped) + ".")
-    closer_matched = [t for t in matched if t["outcome"] == CLOSER]
-    closer_base = [t for t in base if t["outcome"] == CLOSER]
-    if closer_matched:
-        parts.append("FALSIFIED where the constraint itself ends runs closer than an unconstrained "
-                     "SAE from the same start: " + ", ".join(
-                         f"{t['challenger']} ({t['preprocessing']})" for t in closer_matched) + ".")
-    elif closer_base and matched:
-        parts.append("Archetypal runs end closer than TopK from random starts, but not closer "
-                     "than TopK from the same start: the closeness comes from the start, not the "
-                     "constraint.")
-    elif closer_base:
-        parts.append("Archetypal runs end closer than TopK from random starts; without a "
-                     "start-matched TopK control this grid cannot tell the start from the constraint.")
+def galaxy_test(mats: dict, margin: float, n_boot: int = 2000, seed: int = 0) -> dict | None:
+    """What the data mean carries on raw activations: for ra-kmeans-shared raw at the largest
+    budget, the Hungarian distance of its atoms as read (minus the data mean, ``read_atoms``)
+    minus that of its atoms seen from the origin; above +margin, the mean hid that much of the
+    runs' disagreement from the cosine. None when the cell is not in the grid."""
+    cell = mats.get(("ra-kmeans-shared", "raw"))
+    if cell is None:
+        return None
+    return {"configuration": "ra-kmeans-shared", "preprocessing": "raw",
+            "from_origin": float(np.nanmean(cell["hungarian"])),
+            "as_read": float(np.nanmean(cell["hungarian_read"])),
+            **compare_runs(cell["hungarian_read"], cell["hungarian"], margin, n_boot, seed)}
+
+
+def claims(over: Sequence[dict], stabilization: Sequence[dict], galaxy: dict | None) -> list[dict]:
+    """Each claim of ``labels.CLAIMS`` with its status (supported, contradicted, not established)
+    and what it rests on: the comparisons' outcomes at the largest budget (``over``:
+    verdict_over_budgets), the stabilization tests, and the galaxy test."""
+    pick = lambda kind: [r for r in over if r["comparison"] == kind]  # noqa: E731
+    rests = lambda rows: [f"{r['challenger']} - {r['reference']} ({r['preprocessing']}, "  # noqa: E731
+                          f"{r['tokens']:,} tokens): {r['difference']:+.3f}, {r['outcome']}"
+                          + ("" if r["settled"] else ", not settled") for r in rows]
+    independent = pick("against topk-random")
+    stab = [r for r in stabilization if r["comparison"] == "against topk-random"]
+    settled_pairs = {(r["challenger"], r["preprocessing"]) for r in independent if r["settled"] and not r["flagged"]}
+    stab_status = NOT_ESTABLISHED if not stab or not all((r["challenger"], r["preprocessing"]) in settled_pairs
+                                                        for r in stab) else \
+        (CONTRADICTED if any(r["stabilization_advantage"] for r in stab) else SUPPORTED)
+    rows = {
+        "shared_start_stable": (_status_of_effect(pick("original protocol")), rests(pick("original protocol"))),
+        "independent_not_closer": (_status_of_null(independent), rests(independent)),
+        "constraint_no_effect": (_status_of_null(pick("matched start")), rests(pick("matched start"))),
+        "no_stabilization": (stab_status, [f"{r['challenger']} - {r['reference']} ({r['preprocessing']}): "
+                                           f"change since step 0 {r['difference']:+.3f}, {r['outcome']}" for r in stab]),
+    }
+    if galaxy is not None:
+        # read minus origin beyond +margin ('further'): the mean hid that much disagreement
+        status = {FURTHER: SUPPORTED, EQUIVALENT: CONTRADICTED}.get(galaxy["outcome"], NOT_ESTABLISHED)
+        rows["galaxy"] = (status, [f"ra-kmeans-shared (raw): {galaxy['from_origin']:.3f} from the origin, "
+                                   f"{galaxy['as_read']:.3f} with the mean removed ({galaxy['difference']:+.3f})"])
     else:
-        parts.append("Not falsified: no archetypal configuration ends closer than TopK by more than "
-                     "the margin.")
-    if any(t["stabilization_advantage"] for t in stabilization if t["metric"] == "hungarian"):
-        parts.append("Over training, archetypal runs come closer than TopK runs by more than the "
-                     "margin in: " + ", ".join(
-                         f"{t['challenger']} vs {t['reference']} ({t['preprocessing']})"
-                         for t in stabilization
-                         if t["metric"] == "hungarian" and t["stabilization_advantage"]) + ".")
-    else:
-        parts.append("Over training, no archetypal configuration comes closer than TopK by more "
-                     "than the margin: no stabilization advantage.")
-    if any(t["outcome"] == UNDECIDED for t in hung):
-        parts.append("Undecided comparisons need more runs, or a protocol with less noise.")
+        rows["galaxy"] = (NOT_ESTABLISHED, ["ra-kmeans-shared on raw activations is not in this grid"])
+    return [{"claim": name, "who": CLAIMS[name][0], "text": CLAIMS[name][1], "status": status, "rests_on": why}
+            for name, (status, why) in rows.items()]
+
+
+def verdict(claim_rows: Sequence[dict], over: Sequence[dict]) -> str:
+    """The verdict in the report's three words: each claim with its status, then which comparisons
+    are not settled at the largest budget and why."""
+    if not over:
+        return "not tested: no comparison's two cells are in this grid."
+    margin, tokens = over[0]["margin"], max(r["tokens"] for r in over)
+    parts = [f"Decided at {tokens:,} tokens per run, after the cooldown, against a margin of {margin:g} "
+             "in Hungarian cosine distance (95% intervals over runs)."]
+    parts += [f"{c['who']}: {c['text']}: {c['status'].upper()}." for c in claim_rows]
+    loose = [r for r in over if not r["settled"] or r["flagged"]]
+    if loose:
+        parts.append("Not settled: " + "; ".join(
+            f"{r['challenger']} - {r['reference']} ({r['preprocessing']}): "
+            + "; ".join(filter(None, [r["why"], *r["flagged"]])) for r in loose) + ".")
     return " ".join(parts)
 
 
@@ -277,13 +303,19 @@ def authors_table(endpoint: dict, stability: dict) -> list[dict]:
 
 
 def ground_truth_summary(synthetic: dict[str, dict]) -> str:
-    """What the synthetic control shows, computed from its numbers, whichever way they point."""
-    best = max(synthetic, key=lambda n: synthetic[n]["recovered"])
-    stable = min(synthetic, key=lambda n: synthetic[n]["hungarian_between_runs"])
-    s = (f"On synthetic data with a known dictionary, {best} recovers the most true atoms "
-         f"({synthetic[best]['recovered']:.0%} at cosine >= 0.9) and {stable} looks the most "
-         f"stable (runs {synthetic[stable]['hungarian_between_runs']:.3f} apart).")
-    if best == stable:
-        return s + " Here the most stable configuration is also the most correct."
-    return s + (f" Stability is not correctness: the most stable configuration recovers "
-                f"{synthetic[stable]['recovered']:.0%}.")
+    """What the synthetic control shows, computed from its numbers, whichever way they point:
+    which configuration recovers the most true atoms and which looks the most stable (atoms read
+    alike for every model), raw and centered."""
+    parts = []
+    for suffix, label in (("", "raw"), ("_centered", "centered")):
+        if not all(f"recovered{suffix}" in v for v in synthetic.values()):
+            continue
+        best = max(synthetic, key=lambda n: synthetic[n][f"recovered{suffix}"])
+        stable = min(synthetic, key=lambda n: synthetic[n][f"hungarian_between_runs{suffix}"])
+        s = (f"On {label} synthetic data with a known dictionary, {best} recovers the most true atoms "
+             f"({synthetic[best][f'recovered{suffix}']:.0%} at cosine >= 0.9) and {stable} looks the most "
+             f"stable (runs {synthetic[stable][f'hungarian_between_runs{suffix}']:.3f} apart).")
+        parts.append(s + (" There the most stable configuration is also the most correct." if best == stable
+                          else f" Stability is not correctness: the most stable configuration recovers "
+                               f"{synthetic[stable][f'recovered{suffix}']:.0%}."))
+    return " ".join(parts)

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from .metrics import (
-    dead_fraction, fvu, hungarian_cosine_distance, hungarian_l2_distance, l0,
-    matched_activation_correlation, pair_matrices,
+    dead_fraction, fvu, hungarian_cosine_distance, hungarian_l2_distance, l0, matched_correlations,
+    pair_matrices, standardized_codes,
 )
 from .sae import atoms_carry_mean
 
@@ -57,17 +57,19 @@ def evaluate_runs(saes: Sequence[nn.Module], x_eval: torch.Tensor, x_train: torc
     atoms = torch.stack([sae.dictionary().detach() for sae in saes])
     read = [read_atoms(sae, mean) for sae in saes]
     alive = [z.ne(0).any(0) for z in codes]
+    std = [standardized_codes(z) for z in codes]
     n = len(saes)
     pairs = {**pair_matrices(atoms), **{m: np.full((n, n), np.nan) for m in PAIR_METRICS[3:]}}
     for i, j in itertools.combinations(range(n), 2):
         both = alive[i].any() and alive[j].any()
+        corr_alive, corr_all = matched_correlations(std[i], std[j])
         values = {
             "hungarian_alive": hungarian_cosine_distance(atoms[i][alive[i]], atoms[j][alive[j]])
             if both else float("nan"),
             "hungarian_read": hungarian_cosine_distance(read[i], read[j]),
             "hungarian_l2": hungarian_l2_distance(atoms[i], atoms[j]),
-            "activation_corr": matched_activation_correlation(codes[i], codes[j]),
-            "activation_corr_all": matched_activation_correlation(codes[i], codes[j], alive_only=False),
+            "activation_corr": corr_alive,
+            "activation_corr_all": corr_all,
             "dead_share": (runs["dead_fraction"][i] + runs["dead_fraction"][j]) / 2,
         }
         for m, v in values.items():

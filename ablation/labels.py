@@ -39,3 +39,23 @@ AUTHORS_RULES = {  # the authors' pattern as three stated rules: name -> the rul
     "unconstrained_stay_close": "on centered data, the unconstrained shared-start models stay at "
                                 "most half as far apart as TopK",
 }
+
+# a claim's status, the report's only three words for it (README and notebook 04 alike)
+SUPPORTED = "supported"
+CONTRADICTED = "contradicted"
+NOT_ESTABLISHED = "not established"
+STATUSES = (SUPPORTED, CONTRADICTED, NOT_ESTABLISHED)
+
+# the claims the report decides: name -> (whose claim, the claim in words)
+CLAIMS = {
+    "shared_start_stable": ("Fel et al. 2025", "archetypal runs from the shared k-means start end closer "
+                            "than TopK runs from random starts"),
+    "independent_not_closer": ("Brzozowski & Chung 2026", "with starts that are not shared, archetypal runs "
+                               "end no closer than TopK runs from random starts"),
+    "constraint_no_effect": ("Brzozowski & Chung 2026", "from a matched start, the archetypal constraint "
+                             "does not end runs closer"),
+    "no_stabilization": ("Brzozowski & Chung 2026", "archetypal runs do not come closer over training than "
+                         "TopK runs do"),
+    "galaxy": ("Brzozowski & Chung 2026", "on raw activations, the data mean makes archetypal atoms look "
+               "alike to the cosine"),
+}

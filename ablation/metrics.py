@@ -66,25 +66,39 @@ def hungarian_l2_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(cost[r, c].mean())
 
 
+def standardized_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Codes (tokens x latents) with each latent centered and scaled to unit norm, float32: the
+    product of two runs' standardized codes is their latents' Pearson correlation matrix (a latent
+    that never fires stays a zero column, correlation 0 with everything)."""
+    z = torch.as_tensor(codes).detach().double()
+    z = z - z.mean(0)
+    return (z / z.norm(dim=0).clamp_min(1e-12)).float()
+
+
+def matched_correlations(std_a: torch.Tensor, std_b: torch.Tensor) -> tuple[float, float]:
+    """Mean Pearson correlation of latents matched one-to-one by their activations, from two runs'
+    standardized codes on the same tokens: (alive only, all latents). Alive only: the matching
+    runs among the latents that fire in each run (min(alive_a, alive_b) pairs; NaN when a run has
+    none), so two runs that differ only by dead latents score 1. All latents: every latent is
+    matched and one that never fires counts as correlation 0, which makes the number partly a
+    count of dead latents. One correlation matrix serves both (its alive sub-block)."""
+    corr = (std_a.T @ std_b).double()
+    r, c = _hungarian(-corr)
+    every = float(corr[r, c].mean())
+    alive_a, alive_b = std_a.ne(0).any(0), std_b.ne(0).any(0)
+    if not alive_a.any() or not alive_b.any():
+        return float("nan"), every
+    sub = corr[alive_a][:, alive_b]
+    r, c = _hungarian(-sub)
+    return float(sub[r, c].mean()), every
+
+
 def matched_activation_correlation(codes_a: torch.Tensor, codes_b: torch.Tensor,
                                    alive_only: bool = True) -> float:
-    """Mean Pearson correlation of latents matched one-to-one by their activations on the same data.
-
-    ``alive_only``: only latents that fire on these tokens in their run enter the matching
-    (min(alive_a, alive_b) matched pairs), so two runs that differ only by dead latents score 1;
-    else every latent is matched and a latent that never fires counts as correlation 0, which
-    makes the number partly a count of dead latents.
-    """
-    za, zb = torch.as_tensor(codes_a).double(), torch.as_tensor(codes_b).double()
-    if alive_only:
-        za, zb = za[:, za.ne(0).any(0)], zb[:, zb.ne(0).any(0)]
-        if not za.shape[1] or not zb.shape[1]:
-            return float("nan")
-    za, zb = za - za.mean(0), zb - zb.mean(0)
-    na, nb = za.norm(dim=0), zb.norm(dim=0)
-    corr = (za.T @ zb) / (na[:, None] * nb[None, :]).clamp_min(1e-12)
-    r, c = _hungarian(-corr)
-    return float(corr[r, c].mean())
+    """Mean Pearson correlation of latents matched one-to-one by their activations on the same
+    data (``matched_correlations``): among the latents alive in both runs, or over all latents."""
+    alive, every = matched_correlations(standardized_codes(codes_a), standardized_codes(codes_b))
+    return alive if alive_only else every
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:

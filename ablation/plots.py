@@ -60,108 +60,114 @@ def plot_schedule(budgets: Sequence[int], lr: float, lr_decay: float):
     return fig
 
 
-def plot_trajectories(curves, chance: dict, metric: str, preprocessing: Sequence[str],
+# one marker language in every figure: filled = read after the cooldown at that budget (the
+# verdict's reading); hollow = on the trunk, no cooldown, or a moved outcome in Figure 4; a cross
+# over a marker = flagged by the quality gate
+LEGEND_FILLED = "filled: after the cooldown at that budget"
+LEGEND_HOLLOW = "hollow: on the trunk (no cooldown)"
+LEGEND_FLAGGED = "x: a cell flagged by the quality gate"
+
+
+def _marker_legend(ax, flagged: bool, hollow: str = LEGEND_HOLLOW, loc: str = "upper left") -> None:
+    """A second legend that says what every marker means."""
+    import matplotlib.pyplot as plt
+
+    items = [(plt.Line2D([], [], color="0.3", marker="o", ls=""), LEGEND_FILLED),
+             (plt.Line2D([], [], color="0.3", marker="o", mfc="white", ls=""), hollow)]
+    if flagged:
+        items.append((plt.Line2D([], [], color="0.3", marker="x", ms=9, ls=""), LEGEND_FLAGGED))
+    leg = ax.legend(*zip(*items), fontsize=7, loc=loc, framealpha=0.9)
+    ax.add_artist(leg)
+
+
+def plot_trajectories(curves, ends, chance: dict, metric: str, preprocessing: Sequence[str],
                       configurations: Sequence[str], flagged: Iterable[tuple[str, str]] = (),
                       model: str = ""):
-    """Figure 1: inter-run distance against tokens seen, one panel per preprocessing, each cell's
-    line to its own end, with a tick where it was judged converged (its last full-rate snapshot);
-    ``model`` names the activations' model in every title."""
+    """Figure 1: inter-run distance against tokens seen along the trunk (no cooldown), one panel
+    per preprocessing, with a 95% band over runs; filled markers: each budget after its cooldown
+    (``ends``: budget_curves rows, Hungarian only); the reproducibility of k-means and random
+    dictionaries as grey references. ``model`` names the activations' model in the title."""
     import matplotlib.pyplot as plt
 
     label = {"mean_min": "symmetric mean-min cosine distance",
              "hungarian": "Hungarian-matched cosine distance"}[metric]
-    fig, axes = plt.subplots(1, len(preprocessing), figsize=(6.5 * len(preprocessing), 4.8),
+    fig, axes = plt.subplots(1, len(preprocessing), figsize=(6.0 * len(preprocessing) + 2.6, 4.8),
                              sharey=True, squeeze=False)
     flagged = set(flagged)
     for ax, prep in zip(axes[0], preprocessing):
         for kind, ls in (("random", (0, (6, 3))), ("kmeans", (0, (1, 2)))):
             if (prep, metric, kind) in chance:
                 ax.axhline(chance[prep, metric, kind], color="0.45", ls=ls, lw=1.4, zorder=1,
-                           label="chance: random dictionaries (dashed)" if kind == "random"
-                           else "chance: independent k-means (dotted)")
+                           label="random dictionaries" if kind == "random"
+                           else "k-means with two seeds (reproducibility)")
         for name in configurations:
             c = curves[(curves.configuration == name) & (curves.preprocessing == prep)
                        & (curves.metric == metric)]
             color, ls, marker = STYLES[name]
-            ax.fill_between(c.tokens, c.lo, c.hi, color=color, alpha=0.25, lw=0, zorder=2)
-            ax.plot(c.tokens, c["mean"], color=color, ls=ls, marker=marker, ms=4, lw=1.8, zorder=3,
-                    label=name, mfc="white" if (name, prep) in flagged else color)
+            ax.fill_between(c.tokens, c.lo, c.hi, color=color, alpha=0.2, lw=0, zorder=2)
+            ax.plot(c.tokens, c["mean"], color=color, ls=ls, lw=1.6, zorder=3, label=name)
+            if metric == "hungarian":
+                e = ends[(ends.configuration == name) & (ends.preprocessing == prep) & (ends.reading == "branch")]
+                ax.plot(e.tokens, e["mean"], color=color, marker=marker, ms=6, ls="", zorder=4)
+                if (name, prep) in flagged:
+                    ax.plot(e.tokens.tail(1), e["mean"].tail(1), color="0.1", marker="x", ms=10, ls="", zorder=5)
         ax.set_xscale("symlog", linthresh=max(1, int(curves.tokens[curves.tokens > 0].min())))
         ax.set_xlim(left=0)
         ax.set(title=f"{prep} activations", xlabel="tokens seen",
                ylabel=label + "\n(lower: runs agree more)")
     fig.suptitle(model)
     handles, labels = axes[0][-1].get_legend_handles_labels()
-    if flagged:
-        handles.append(plt.Line2D([], [], color="0.3", marker="o", mfc="white", ls=""))
-        labels.append("hollow markers: flagged by the quality gate")
-    axes[0][-1].legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    axes[0][-1].legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    if metric == "hungarian":
+        _marker_legend(axes[0][0], bool(flagged), hollow="lines: the trunk, no cooldown", loc="upper right")
     return fig
 
 
-def plot_tests_over_training(rows, preprocessing: Sequence[str], margin: float, model: str = ""):
-    """The verdict over training, Hungarian, one row of panels per test: the endpoint difference
-    against TopK from random starts, the same against TopK from the same start (the constraint's
-    own effect), and the change since step 0 against TopK from random starts; archetypal minus
-    TopK against tokens seen, 95% bands, the margin as a grey band; dotted past the end of the cell
-    that converged first (held at its convergence); the end of both cells at the right, and again
-    in an inset at a scale where the margin and the end intervals are visible. ``model`` names
-    the activations' model in every title."""
+def plot_verdict_over_budgets(rows, preprocessing: Sequence[str], margin: float,
+                              flagged: Iterable[tuple[str, str]] = (), model: str = ""):
+    """Figure 3: every comparison's difference (Hungarian, archetypal minus reference) against the
+    budget, one row of panels per kind of comparison and one column per preprocessing: filled
+    markers and solid lines after the cooldown (the verdict's reading), hollow markers and dotted
+    lines on the trunk; 95% bands over runs; the margin as a grey band. A comparison whose
+    outcome is settled shows where it stands; one still moving shows that too."""
     import matplotlib.pyplot as plt
 
     from matplotlib.ticker import NullFormatter
 
-    panels = (("falsification", "against topk-random", "distance: archetypal minus topk-random"),
-              ("falsification", "matched start", "distance: archetypal minus TopK\nfrom the same start"),
-              ("stabilization", "against topk-random", "change since step 0:\narchetypal minus topk-random"))
-    fig, axes = plt.subplots(len(panels), len(preprocessing), figsize=(6.5 * len(preprocessing), 12),
+    kinds = list(dict.fromkeys(rows.comparison)) if len(rows) else ["against topk-random"]
+    fig, axes = plt.subplots(len(kinds), len(preprocessing),
+                             figsize=(6.0 * len(preprocessing) + 3.2, 4.0 * len(kinds)),
                              sharex=True, squeeze=False)
-    for row_ax, (test, comparison, what) in zip(axes, panels):
+    flagged = set(flagged)
+    for row_ax, kind in zip(axes, kinds):
         for ax, prep in zip(row_ax, preprocessing):
-            ax.axhspan(-margin, margin, color="0.85", zorder=0, lw=0)
+            ax.axhspan(-margin, margin, color="0.88", zorder=0, lw=0, label=f"margin +-{margin:g}")
             ax.axhline(0, color="0.3", lw=1)
-            sub = rows[(rows.test == test) & (rows.comparison == comparison)
-                       & (rows.preprocessing == prep)] if not rows.empty else rows
-            if sub.empty:
-                ax.text(0.5, 0.5, f"no comparison '{comparison}'\nin this grid", ha="center",
-                        va="center", transform=ax.transAxes)
-                continue
-            for name in sub.challenger.unique():
-                c = sub[sub.challenger == name]
-                color, ls, marker = STYLES[name]
-                run, held, end = (c[c.stage == st] for st in ("full rate", "held", "end"))
-                ax.fill_between(run.tokens, run.lo, run.hi, color=color, alpha=0.25, lw=0)
-                ax.plot(run.tokens, run.difference, color=color, ls="-", lw=1.8, label=name)
-                if len(held):
-                    held = c[c.stage != "end"].iloc[len(run) - 1:]  # continue from the last shared point
-                    ax.fill_between(held.tokens, held.lo, held.hi, color=color, alpha=0.12, lw=0)
-                    ax.plot(held.tokens, held.difference, color=color, ls=":", lw=1.8)
-                ax.errorbar(end.tokens, end.difference, yerr=[end.difference - end.lo, end.hi - end.difference],
-                            color=color, marker=marker, ms=7, capsize=3, ls="")
-            ends = sub[sub.stage == "end"]
-            ins = ax.inset_axes([0.70, 0.06, 0.28, 0.34])
-            ins.axhspan(-margin, margin, color="0.85", lw=0)
-            ins.axhline(0, color="0.3", lw=0.8)
-            for i, name in enumerate(ends.challenger.unique()):
-                e = ends[ends.challenger == name].tail(1)
-                color, _, marker = STYLES[name]
-                ins.errorbar([i], e.difference, yerr=[e.difference - e.lo, e.hi - e.difference],
-                             color=color, marker=marker, ms=5, capsize=2, ls="")
-            reach = max(1.5 * margin, float(ends[["lo", "hi"]].abs().max().max()) * 1.1)
-            ins.set(ylim=(-reach, reach), xlim=(-0.6, max(len(ends.challenger.unique()), 1) - 0.4),
-                    xticks=[], title="ends", facecolor="white")
-            ins.title.set_fontsize(8)
-            ins.tick_params(labelsize=7)
-            ax.set_xscale("log")
+            sub = rows[(rows.comparison == kind) & (rows.preprocessing == prep)] if len(rows) else rows
+            for (c, ref), g in sub.groupby(["challenger", "reference"], sort=False):
+                color, _, marker = STYLES[c]
+                lab = f"{c} - {ref}"
+                for reading, ls, fill in (("branch", "-", color), ("trunk", ":", "white")):
+                    r = g[g.reading == reading].sort_values("tokens")
+                    if reading == "branch":
+                        ax.fill_between(r.tokens, r.lo, r.hi, color=color, alpha=0.18, lw=0)
+                    ax.plot(r.tokens, r.difference, color=color, ls=ls, lw=1.5, marker=marker, ms=6,
+                            mfc=fill, label=lab if reading == "branch" else None)
+                if (c, prep) in flagged or (ref, prep) in flagged:
+                    last = g[g.reading == "branch"].sort_values("tokens").tail(1)
+                    ax.plot(last.tokens, last.difference, color="0.1", marker="x", ms=10, ls="")
+            ax.set_xscale("log", base=2)
             ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set(title=f"{test}, {comparison}, {prep} activations",
-                   ylabel=f"{what}\n(below 0: archetypal closer)")
-            ax.legend(fontsize=8, loc="best")
+            ax.set(title=f"{kind}, {prep} activations",
+                   ylabel="Hungarian distance:\narchetypal minus reference\n(below 0: archetypal closer)")
+            if len(sub):
+                ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        _marker_legend(row_ax[0], bool(flagged), loc="lower left")
     for ax in axes[-1]:
-        ax.set_xlabel("tokens seen")
-    fig.text(0.5, -0.01, f"grey band: the margin +-{margin:g}; dotted: the cell that converged "
-             "first, held at its convergence; markers: both cells' ends, after the final decay",
-             ha="center", fontsize=9)
+        ax.set_xlabel("token budget")
+        ticks = sorted(rows.tokens.unique()) if len(rows) else []
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t / 1e6:g} M" if t >= 1e6 else f"{t / 1e3:g} k" for t in ticks], fontsize=8)
     fig.suptitle(model)
     return fig
 

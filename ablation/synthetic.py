@@ -9,7 +9,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .configs import CONFIGURATIONS
-from .sae import atoms_carry_mean, sparse_decode, unit_rows
+from .evaluation import read_atoms
+from .sae import sparse_decode, unit_rows
 from .starts import kmeans_centroids, make_sae
 from .metrics import pair_matrices
 from .train import train_saes
@@ -44,23 +45,28 @@ def recovery(learned: torch.Tensor, true: torch.Tensor, threshold: float = 0.9) 
 def synthetic_control(configurations: Sequence[str], seeds: Sequence[int], n_tokens: int, d: int,
                       n_atoms: int, k: int, mean_norm: float, seed: int, **train: object) -> dict:
     """Stable is not correct: train each configuration on tokens built from a known dictionary
-    (plus a large mean), then score recovery of the true atoms (cosine >= 0.9) and the runs'
-    Hungarian distance to each other. Every model's atoms are read by one rule, decided by the
-    model (``sae.atoms_carry_mean``): minus the data mean when they are points that must carry it,
-    as they are otherwise. ``train`` passes the grid's trainer settings."""
+    (plus a large mean), raw and centered, then score recovery of the true atoms (cosine >= 0.9)
+    and the runs' Hungarian distance to each other. Every number of a model reads its atoms by one
+    rule the model decides (``evaluation.read_atoms``: minus the data mean where they are points
+    that must carry it, as they are otherwise), so that no stability number is measured from an
+    origin the data sits far from. ``train`` passes the grid's settings (delta_share or an
+    absolute delta, the start, and train_saes's keywords)."""
     x, true = sparse_synthetic_data(n_tokens, d, n_atoms, k, mean_norm, seed=seed)
-    fit = x[:min(len(x), 20_000)]
-    shared = kmeans_centroids(fit, n_atoms, train.pop("kmeans_shared_seed", 0))
+    shared_seed = train.pop("kmeans_shared_seed", 0)
     match, center = train.pop("match_start_scale", True), train.pop("center_encoder", False)
-    delta, pre_bias = train.pop("delta", 1.0), train.pop("pre_bias", True)
-    out = {}
-    for name in tqdm(configurations, desc="synthetic control"):
-        arch, init, decoder = CONFIGURATIONS[name]
-        models = [make_sae(arch, init, fit, n_atoms, k, s, n_atoms, delta, decoder, 0, shared, match,
-                           pre_bias, center) for s in seeds]
-        train_saes(models, x, seeds, n_tokens, snapshots=[], progress=False, **train)
-        dicts = torch.stack([m.dictionary().detach() for m in models])
-        read = torch.stack([d - x.mean(0) if atoms_carry_mean(m) else d for m, d in zip(models, dicts)])
-        out[name] = {"recovered": float(np.mean([recovery(dd, true) for dd in read])),
-                     "hungarian_between_runs": float(np.nanmean(pair_matrices(dicts)["hungarian"]))}
+    share, delta, pre_bias = train.pop("delta_share", 0.1), train.pop("delta", None), train.pop("pre_bias", True)
+    out = {name: {} for name in configurations}
+    for prep, data in (("raw", x), ("centered", x - x.mean(0))):
+        fit = data[:min(len(data), 20_000)]
+        shared = kmeans_centroids(fit, n_atoms, shared_seed)
+        radius = delta if delta is not None else share * float(fit.norm(dim=1).median())
+        suffix = "" if prep == "raw" else "_centered"
+        for name in tqdm(configurations, desc=f"synthetic control ({prep})"):
+            arch, init, decoder = CONFIGURATIONS[name]
+            models = [make_sae(arch, init, fit, n_atoms, k, s, n_atoms, radius, decoder, 0, shared, match,
+                               pre_bias, center) for s in seeds]
+            train_saes(models, data, seeds, n_tokens, snapshots=[], progress=False, **train)
+            read = torch.stack([read_atoms(m, data.mean(0)).float() for m in models])
+            out[name].update({f"recovered{suffix}": float(np.mean([recovery(r, true) for r in read])),
+                              f"hungarian_between_runs{suffix}": float(np.nanmean(pair_matrices(read)["hungarian"]))})
     return out

@@ -57,7 +57,7 @@ def test_fvu_punishes_a_mean_only_reconstruction_that_scalar_r2_rewards():
 def test_activation_correlation_of_permuted_codes_is_one():
     codes = torch.rand(500, 20) * (torch.rand(500, 20) < 0.3)
     assert metrics.matched_activation_correlation(codes, codes[:, torch.randperm(20)]) == \
-        pytest.approx(1.0, abs=1e-9)
+        pytest.approx(1.0, abs=1e-6)  # float32 products
     other = torch.rand(500, 20) * (torch.rand(500, 20) < 0.3)
     assert abs(metrics.matched_activation_correlation(codes, other)) < 0.25
 
