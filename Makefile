@@ -15,14 +15,17 @@ COMMITTED := default smollm2 authors authors-smollm2 teach
 # make report PROFILE=paper DEVICE=cuda SCHEDULER=tcp://10.0.0.5:8786
 PLACE := $(if $(DEVICE),-p device $(DEVICE)) $(if $(SCHEDULER),-p scheduler $(SCHEDULER)) \
          $(if $(WORKERS),-p workers $(WORKERS))
+# FRESH=1 retrains every cell of stages 02 and 05 even where a committed record matches
+FRESH_02_train_saes := $(if $(FRESH),-p fresh true)
+FRESH_05_robustness := $(if $(FRESH),-p fresh true)
 # what each stage writes besides its JSON: a stage re-runs (and verifies, rebuilding what is
 # corrupt) when any of these changed after it finished
 ARTIFACTS_00_language_model := $(wildcard $(RUN_DIR)/model/*)
 ARTIFACTS_01_cache_activations := $(wildcard $(RUN_DIR)/acts_*)
-ARTIFACTS_02_train_saes := $(wildcard $(RUN_DIR)/saes/*)
-ARTIFACTS_05_robustness := $(wildcard $(RUN_DIR)/robustness/*/saes/*)
+ARTIFACTS_02_train_saes := $(wildcard report/$(PROFILE)/cells/*.json)
+ARTIFACTS_05_robustness := $(wildcard report/$(PROFILE)/robustness/*/cells/*.json)
 
-.PHONY: setup test test-fast report robustness lab bench precision-study clean
+.PHONY: setup test test-fast report robustness verify exercises lab bench precision-study clean
 .DELETE_ON_ERROR:
 
 setup: $(STAMP)
@@ -47,13 +50,13 @@ test-fast: $(STAMP)
 # JSON is missing (a clean clone), older than its notebook, the profile, the code it calls, the
 # previous stage or one of its own artifacts. `report.py run` checks every parameter of the profile before
 # anything runs, and writes the executed notebook, its HTML and JSON to report/<profile>/.
-report: $(foreach s,$(STAGES),$(RUN_DIR)/$(s).json) README.md
+report: $(foreach s,$(STAGES),$(RUN_DIR)/$(s).json) README.md TEACHING.md
 
 # each stage depends on the modules whose functions it calls, and on theirs (ablation/deps.py)
 define stage
 $(RUN_DIR)/$(basename $(notdir $(1))).json: $(1) params/$(PROFILE).yaml report.py $(2) \
     $(shell $(PYTHON) -m ablation.deps $(1)) $(ARTIFACTS_$(basename $(notdir $(1)))) | $(STAMP)
-	$(PY) report.py run $(PROFILE) $(1) $(PLACE)
+	$(PY) report.py run $(PROFILE) $(1) $(PLACE) $(FRESH_$(basename $(notdir $(1))))
 endef
 # stage i also waits for stage i-1, except where it reads an earlier one only: the galaxy (03)
 # reads the activation cache, so a new grid does not re-run it, nor a new galaxy the ablation (04)
@@ -67,16 +70,31 @@ $(foreach i,$(shell seq 1 $(words $(STAGES))),$(eval $(call stage,$(word $(i),$(
 robustness: $(RUN_DIR)/05_robustness.json
 $(eval $(call stage,$(ROBUSTNESS),$(RUN_DIR)/$(lastword $(STAGES)).json))
 
+# retrain CELLS (configuration__preprocessing; none: the cheapest pair that decides a verdict) from
+# scratch in a temporary folder and print each budget's distance beside its committed record
+verify: $(RUN_DIR)/01_cache_activations.json | $(STAMP)
+	$(PY) report.py verify $(PROFILE) $(CELLS)
+
 # an unknown profile: the runner says which profiles exist
 params/%.yaml:
 	@$(PY) report.py check $*
 
-# The README's generated blocks come from the committed profiles' report JSON only.
-README.md: readme.py ablation/labels.py ablation/configs.py ablation/variants.py params/smollm2.yaml $(wildcard report/precision_study.json) $(foreach p,$(COMMITTED),$(wildcard report/$(p)/*.json)) | $(STAMP)
+# The README and TEACHING.md are templates filled from the committed profiles' report JSON and
+# records only (a smoke run never changes them).
+README.md: readme.py templates/README.md.j2 ablation/labels.py ablation/configs.py params/smollm2.yaml \
+    $(wildcard report/precision_study.json) $(foreach p,$(COMMITTED),$(wildcard report/$(p)/*.json report/$(p)/cells/*.json)) | $(STAMP)
 	$(PY) readme.py
 
+TEACHING.md: teaching.py templates/TEACHING.md.j2 $(wildcard report/teach/*.json report/teach/exercises/*.json) | $(STAMP)
+	$(PY) teaching.py
+
+# the teach profile's exercises, each run as a student types it, timed (after make report PROFILE=teach)
+exercises: runs/teach/04_initialization_ablation.json | $(STAMP)
+	$(PY) teaching.py run
+
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
+	REPORT_PROFILE=$(if $(filter file,$(origin PROFILE)),teach,$(PROFILE)) \
+	  $(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py

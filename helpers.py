@@ -45,16 +45,14 @@ from ablation.starts import kmeans_centroids, make_sae  # noqa: F401
 from ablation.train import train_saes  # noqa: F401
 from ablation.schedule import budget_tokens  # noqa: F401
 from ablation.grid import (  # noqa: F401
-    TRAIN_KEYS, CellJob, TrainSettings, cell_jobs, fvu_of_mse, median_norm, resolved_delta,
-    start_scale_effect, train_cell, training_set,
+    TRAIN_KEYS, CellJob, TrainSettings, cell_jobs, find_records, fvu_of_mse, median_norm,
+    resolved_delta, start_scale_effect, train_cell, training_set,
 )
-from ablation.records import load_records  # noqa: F401
 from ablation.cluster import cell_runner, local_workers, map_cells  # noqa: F401
 
 # 03 · galaxy far away, and stable is not correct
 from ablation.metrics import fvu, hungarian_cosine_distance, scalar_mean_r2  # noqa: F401
-from ablation.synthetic import galaxy_toy_data, synthetic_control  # noqa: F401
-from ablation.decisions import ground_truth_summary  # noqa: F401
+from ablation.synthetic import galaxy_toy_data, ground_truth_summary, synthetic_control  # noqa: F401
 
 # 04 · the ablation: distances over training, the quality gate, the tests, the verdict
 from ablation.convergence import last_doubling_slope  # noqa: F401
@@ -63,8 +61,7 @@ from ablation.stats import (  # noqa: F401
     stability_table, trajectory_curves,
 )
 from ablation.decisions import (  # noqa: F401
-    authors_pattern, authors_table, claims, falsification_tests, galaxy_test, geometry_free_tests,
-    ground_truth_summary, quality_gate, stabilization_tests, tests_over_budgets, verdict,
+    authors_pattern, authors_table, claims, falsification_tests, galaxy_test, geometry_free_tests, quality_gate, stabilization_tests, tests_over_budgets, verdict,
     verdict_over_budgets,
 )
 from ablation.labels import AUTHORS_CONDITIONS, AUTHORS_RULES  # noqa: F401

@@ -4,6 +4,7 @@
     python report.py run PROFILE NOTEBOOK [-p NAME VALUE ...] [--output OUT.ipynb]
     python report.py html EXECUTED.ipynb                         # self-contained HTML page
     python report.py params [--check]                            # notebooks' parameters cells
+    python report.py verify PROFILE [CELL ...]                   # retrain cells, compare with records
 
 A profile is params/<PROFILE>.yaml: the parameters that differ from their defaults (declared once,
 in ablation/parameters.py; the defaults are the `default` profile). Everything a profile produces
@@ -212,6 +213,53 @@ def write_parameter_cells(check: bool = False) -> list[str]:
     return stale
 
 
+def verify(profile: str, cells: list[str]) -> list[dict]:
+    """Retrain a profile's cells (each 'configuration__preprocessing'; none: the cheapest pair that
+    decides a verdict) from scratch in a temporary folder, on the profile's activation caches, and
+    print every budget's distance beside its committed record and the spread of a second seed set.
+    Returns the rows printed."""
+    import tempfile
+    from dataclasses import replace
+
+    from ablation import grid, records
+    from ablation import verify as check
+
+    os.chdir(ROOT)
+    nb02 = ROOT / "notebooks" / "02_train_saes.ipynb"
+    params = parameters.resolve_parameters({**{n: None for n in declared(nb02)}, "profile": profile})
+    if not (Path(params["run_dir"]) / "acts_train.json").is_file():
+        fail(f"{params['run_dir']} holds no activation cache: run `make report PROFILE={profile}` (stages 00-01) first")
+    known = {f"{n}__{p}" for n in params["configurations"] for p in params["preprocessing"]}
+    bad = sorted(set(cells) - known)
+    if bad:
+        fail(f"CELLS={bad} are not cells of profile {profile!r}; choose from {sorted(known)}")
+    chosen = [tuple(c.split("__")) for c in cells] or check.cheapest_pair(params["cells_dir"], params["preprocessing"])
+    out, committed, fresh = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, prep in chosen:
+            path = records.record_path(params["cells_dir"], name, prep)
+            old = records.read_record(path)
+            if old is None:
+                fail(f"{path} is missing or broken: nothing to verify")
+            job = replace(grid.cell_jobs(params, [name], [prep], tmp, [Path(tmp) / "cells"])[0], fresh=True)
+            if old["key"] != job.key:
+                print(f"note: {path} was made for another definition than this checkout's; comparing anyway")
+            new = grid.run_cell(job)["record"]
+            rows = check.compare(old, new)
+            print("\n".join(check.report_lines(name, prep, rows, old["made"])), flush=True)
+            out += [{"cell": f"{name}__{prep}", **r} for r in rows]
+            committed.append(old)
+            fresh.append(new)
+    if len(chosen) == 2:
+        pair = check.pair_difference(committed, fresh)
+        spread = "-" if pair["seed_set_spread"] is None else f"{pair['seed_set_spread']:.4f}"
+        print(f"{chosen[0][0]} - {chosen[1][0]} ({chosen[0][1]}) at the largest budget: committed "
+              f"{pair['committed']:+.4f}, retrained {pair['retrained']:+.4f} (difference "
+              f"{pair['retrained'] - pair['committed']:+.4f}; a second seed set moves it {spread})")
+        out.append({"cell": "pair", **pair})
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """The command line: check, run, html or params."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -225,7 +273,14 @@ def main(argv: list[str] | None = None) -> None:
         s.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     sub.add_parser("html").add_argument("notebook", type=Path)
     sub.add_parser("params").add_argument("--check", action="store_true")
+    v = sub.add_parser("verify")
+    v.add_argument("profile")
+    v.add_argument("cells", nargs="*", help="configuration__preprocessing (default: the cheapest deciding pair)")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if a.command == "verify":
+        load_profile(a.profile)
+        verify(a.profile, a.cells)
+        return None
     if a.command == "html":
         return print(export_html(a.notebook))
     if a.command == "params":

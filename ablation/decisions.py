@@ -226,20 +226,26 @@ def claims(over: Sequence[dict], stabilization: Sequence[dict], galaxy: dict | N
     """Each claim of ``labels.CLAIMS`` with its status (supported, contradicted, not established)
     and what it rests on: the comparisons' outcomes at the largest budget (``over``:
     verdict_over_budgets), the stabilization tests, and the galaxy test."""
-    pick = lambda kind: [r for r in over if r["comparison"] == kind]  # noqa: E731
+    def pick(kind: str, claim: str) -> list[dict]:
+        """The comparisons of one kind on the preprocessings the claim is decided on."""
+        return [r for r in over if r["comparison"] == kind and r["preprocessing"] in CLAIMS[claim][2]]
+
     rests = lambda rows: [f"{r['challenger']} - {r['reference']} ({r['preprocessing']}, "  # noqa: E731
                           f"{r['tokens']:,} tokens): {r['difference']:+.3f}, {r['outcome']}"
                           + ("" if r["settled"] else ", not settled") for r in rows]
-    independent = pick("against topk-random")
-    stab = [r for r in stabilization if r["comparison"] == "against topk-random"]
+    independent = pick("against topk-random", "independent_not_closer")
+    stab = [r for r in stabilization if r["comparison"] == "against topk-random"
+            and r["preprocessing"] in CLAIMS["no_stabilization"][2]]
     settled_pairs = {(r["challenger"], r["preprocessing"]) for r in independent if r["settled"] and not r["flagged"]}
     stab_status = NOT_ESTABLISHED if not stab or not all((r["challenger"], r["preprocessing"]) in settled_pairs
                                                         for r in stab) else \
         (CONTRADICTED if any(r["stabilization_advantage"] for r in stab) else SUPPORTED)
     rows = {
-        "shared_start_stable": (_status_of_effect(pick("original protocol")), rests(pick("original protocol"))),
+        "shared_start_stable": (_status_of_effect(pick("original protocol", "shared_start_stable")),
+                                rests(pick("original protocol", "shared_start_stable"))),
         "independent_not_closer": (_status_of_null(independent), rests(independent)),
-        "constraint_no_effect": (_status_of_null(pick("matched start")), rests(pick("matched start"))),
+        "constraint_no_effect": (_status_of_null(pick("matched start", "constraint_no_effect")),
+                                 rests(pick("matched start", "constraint_no_effect"))),
         "no_stabilization": (stab_status, [f"{r['challenger']} - {r['reference']} ({r['preprocessing']}): "
                                            f"change since step 0 {r['difference']:+.3f}, {r['outcome']}" for r in stab]),
     }
@@ -250,7 +256,8 @@ def claims(over: Sequence[dict], stabilization: Sequence[dict], galaxy: dict | N
                                    f"{galaxy['as_read']:.3f} with the mean removed ({galaxy['difference']:+.3f})"])
     else:
         rows["galaxy"] = (NOT_ESTABLISHED, ["ra-kmeans-shared on raw activations is not in this grid"])
-    return [{"claim": name, "who": CLAIMS[name][0], "text": CLAIMS[name][1], "status": status, "rests_on": why}
+    return [{"claim": name, "who": CLAIMS[name][0], "text": CLAIMS[name][1], "preprocessing": list(CLAIMS[name][2]),
+             "status": status, "rests_on": why}
             for name, (status, why) in rows.items()]
 
 
@@ -300,22 +307,3 @@ def authors_table(endpoint: dict, stability: dict) -> list[dict]:
              "step0": stability[name, prep]["step0"]}
             for name, label in AUTHORS_CONDITIONS.items() for prep in PREPROCESSING
             if (name, prep) in endpoint]
-
-
-def ground_truth_summary(synthetic: dict[str, dict]) -> str:
-    """What the synthetic control shows, computed from its numbers, whichever way they point:
-    which configuration recovers the most true atoms and which looks the most stable (atoms read
-    alike for every model), raw and centered."""
-    parts = []
-    for suffix, label in (("", "raw"), ("_centered", "centered")):
-        if not all(f"recovered{suffix}" in v for v in synthetic.values()):
-            continue
-        best = max(synthetic, key=lambda n: synthetic[n][f"recovered{suffix}"])
-        stable = min(synthetic, key=lambda n: synthetic[n][f"hungarian_between_runs{suffix}"])
-        s = (f"On {label} synthetic data with a known dictionary, {best} recovers the most true atoms "
-             f"({synthetic[best][f'recovered{suffix}']:.0%} at cosine >= 0.9) and {stable} looks the most "
-             f"stable (runs {synthetic[stable][f'hungarian_between_runs{suffix}']:.3f} apart).")
-        parts.append(s + (" There the most stable configuration is also the most correct." if best == stable
-                          else f" Stability is not correctness: the most stable configuration recovers "
-                               f"{synthetic[stable][f'recovered{suffix}']:.0%}."))
-    return " ".join(parts)

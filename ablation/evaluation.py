@@ -14,7 +14,7 @@ from .metrics import (
     dead_fraction, fvu, hungarian_cosine_distance, hungarian_l2_distance, l0, matched_correlations,
     pair_matrices, standardized_codes,
 )
-from .sae import atoms_carry_mean
+from .sae import RelaxedArchetypalSAE, atoms_carry_mean
 
 # the run-by-run matrices of a budget's evaluation; the first three are also measured at every
 # trunk snapshot
@@ -24,10 +24,16 @@ RUN_METRICS = ("fvu", "fvu_train", "l0", "dead_fraction")
 
 
 def read_atoms(sae: nn.Module, mean: torch.Tensor) -> torch.Tensor:
-    """A model's atoms as recovery reads them, by a rule the model decides: minus the data mean
-    when they are points that must carry it (``sae.atoms_carry_mean``), as they are otherwise."""
+    """A model's atoms as recovery reads them, by a rule the model decides: where its atoms are
+    points that must carry the data mean (``sae.atoms_carry_mean``), the point each atom is minus
+    the mean (an RA-SAE's point is W C + Lambda, its atom before the scale exp(m)); unit-norm
+    directions beside a bias that absorbs the mean, as they are."""
     atoms = sae.dictionary().detach().double()
-    return atoms - mean.double() if atoms_carry_mean(sae) else atoms
+    if not atoms_carry_mean(sae):
+        return atoms
+    if isinstance(sae, RelaxedArchetypalSAE):
+        atoms = atoms / sae.multiplier.detach().double().exp()
+    return atoms - mean.double()
 
 
 @torch.no_grad()

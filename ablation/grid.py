@@ -321,7 +321,7 @@ def _train_and_record(job: CellJob) -> dict:
                      shared_points=shared, checkpoint=ckpt, meta=job.key)
     trained = time.perf_counter() - started
     save_result(cell_file(job.run_dir, job.name, job.prep),
-                {"states": out["states"], "mean": out["mean"],
+                {"states": out["states"], "mean": out["mean"], "delta": out["delta"],
                  "dictionaries": {p: torch.stack([r["dictionaries"] for r in out[p]]) for p in ("branch", "trunk")}},
                 job.key)
     payload = cell_payload(out, x_fit)
@@ -365,6 +365,23 @@ def cell_jobs(params: dict, configurations: Sequence[str], preprocessing: Sequen
                     cell_key(name, prep, seeds, settings, data, params["run_dir"]), data,
                     bool(params.get("fresh", False)))
             for name in configurations for prep in preprocessing]
+
+
+def find_records(params: dict, configurations: Sequence[str], preprocessing: Sequence[str],
+                 folders: Sequence[str | os.PathLike]) -> dict[tuple[str, str], dict]:
+    """Every cell's record made for exactly these parameters (the key notebook 02 gives it), from
+    the first of ``folders`` that holds one; a clear error naming the cells that have none."""
+    out, missing = {}, []
+    for job in cell_jobs(params, configurations, preprocessing, params["run_dir"], folders):
+        record, _ = find_record(job.records, job.name, job.prep, job.key)
+        if record is None:
+            missing.append(f"{job.name}__{job.prep}")
+        else:
+            out[job.name, job.prep] = record
+    if missing:
+        raise FileNotFoundError(f"no record made for these parameters of {missing} in {list(folders)}: run "
+                                "notebook 02 with the same parameters first (make report does)")
+    return out
 
 
 def sae_from_state(state: dict, meta: dict, decoder: str = "projected") -> nn.Module:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import math
+import os
 import re
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
@@ -116,9 +117,10 @@ def _seeds_ok(seeds: object) -> bool:
 
 
 SCHEDULERS = ("local", "serial")  # besides a Dask scheduler's address
-# where the work runs, not what it computes (a cell's cache key leaves them out): an override of
-# these keeps the profile's run folder, figures and report pages
-PLACEMENT = frozenset({"device", "scheduler", "workers"})
+# where and how the work runs, not what it computes (a record's key leaves them out; fresh retrains
+# cells whose records match, to the same numbers): an override of these keeps the profile's run
+# folder, figures and report pages
+PLACEMENT = frozenset({"device", "scheduler", "workers", "fresh"})
 
 
 def is_scheduler(v: object) -> bool:
@@ -248,7 +250,8 @@ PARAMETERS: dict[str, Parameter] = {
 def parameters_cell(names: Sequence[str]) -> str:
     """The tagged parameters cell of a stage that uses ``names``: profile first, then each
     parameter at None (its profile's value, else the default) with its meaning and default."""
-    lines = [f'profile = {PARAMETERS["profile"].default}  # {PARAMETERS["profile"].meaning}']
+    lines = [f'profile = None  # {PARAMETERS["profile"].meaning}; None: the {PROFILE_ENV} environment '
+             f'variable (make lab sets it), else {PARAMETERS["profile"].default}']
     lines += [f"{n} = None  # {PARAMETERS[n].meaning} (default {PARAMETERS[n].default})"
               for n in PARAMETERS if n in names and n != "profile"]
     return "\n".join(lines) + "\n"
@@ -271,6 +274,7 @@ def check_parameters(params: dict) -> None:
 
 
 PROFILES = Path(__file__).resolve().parents[1] / "params"  # params/<profile>.yaml
+PROFILE_ENV = "REPORT_PROFILE"  # the profile of a notebook whose first line is left at None (make lab)
 # blocks of the models this report knows by name; a local or hub model is checked when booted
 MODEL_DEPTHS = {"smollm2": 30, "EleutherAI/pythia-70m-deduped": 6, "EleutherAI/pythia-70m": 6}
 
@@ -316,7 +320,7 @@ def resolve_parameters(declared: dict) -> dict:
     them); a value set by papermill (-p, or -f params/<profile>.yaml) or by editing the cell is
     kept. run_dir None is runs/<profile>, cells_dir None ``profile_cells_dir``. Every value is checked, alone and together.
     """
-    profile = declared.get("profile") or default("profile")
+    profile = declared.get("profile") or os.environ.get(PROFILE_ENV) or default("profile")
     values = load_profile(profile)
     params = {n: v if v is not None else values.get(n, default(n)) for n, v in declared.items()}
     params["profile"] = profile
@@ -351,7 +355,7 @@ def check_together(params: dict) -> None:
     if "converge_tolerance" in p and "equivalence_margin" in p and \
             not p["converge_tolerance"] <= p["equivalence_margin"] / 2:
         bad.append(f"converge_tolerance={p['converge_tolerance']:g} must be at most "
-                   f"equivalence_margin / 2 = {p['equivalence_margin'] / 2:g}: a converged cell may "
+                   f"equivalence_margin / 2 = {p['equivalence_margin'] / 2:g}: a settled difference may "
                    "still move by the tolerance per doubling, which must stay well inside the margin")
     name, layer = p.get("model_name"), p.get("layer")
     depth = p.get("n_layers", default("n_layers")) if name == default("model_name") \

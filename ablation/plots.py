@@ -128,8 +128,8 @@ def plot_verdict_over_budgets(rows, preprocessing: Sequence[str], margin: float,
     """Figure 3: every comparison's difference (Hungarian, archetypal minus reference) against the
     budget, one row of panels per kind of comparison and one column per preprocessing: filled
     markers and solid lines after the cooldown (the verdict's reading), hollow markers and dotted
-    lines on the trunk; 95% bands over runs; the margin as a grey band. A comparison whose
-    outcome is settled shows where it stands; one still moving shows that too."""
+    lines on the trunk; 95% bands over runs; the margin as a grey band; each comparison in its
+    archetypal configuration's colour with its reference's marker."""
     import matplotlib.pyplot as plt
 
     from matplotlib.ticker import NullFormatter
@@ -145,9 +145,9 @@ def plot_verdict_over_budgets(rows, preprocessing: Sequence[str], margin: float,
             ax.axhline(0, color="0.3", lw=1)
             sub = rows[(rows.comparison == kind) & (rows.preprocessing == prep)] if len(rows) else rows
             for (c, ref), g in sub.groupby(["challenger", "reference"], sort=False):
-                color, _, marker = STYLES[c]
+                color, marker = STYLES[c][0], STYLES[ref][2]  # the challenger's colour, the reference's marker
                 lab = f"{c} - {ref}"
-                for reading, ls, fill in (("branch", "-", color), ("trunk", ":", "white")):
+                for reading, ls, fill in (("trunk", ":", "white"), ("branch", "-", color)):  # filled on top
                     r = g[g.reading == reading].sort_values("tokens")
                     if reading == "branch":
                         ax.fill_between(r.tokens, r.lo, r.hi, color=color, alpha=0.18, lw=0)
@@ -173,25 +173,26 @@ def plot_verdict_over_budgets(rows, preprocessing: Sequence[str], margin: float,
 
 
 def plot_forest(rows, preprocessing: Sequence[str], margin: float, model: str = ""):
-    """Figure 4: the Hungarian test differences of every variant (the profile's own on top), one
-    row per variant and comparison, 95% intervals, the margin as a grey band; a filled marker
-    where the outcome is the profile's, hollow where it moved."""
+    """Figure 4: the Hungarian test differences of every variant at its largest budget (the
+    profile's own on top), one row per variant and comparison, 95% intervals, the margin as a grey
+    band; filled where the outcome is the profile's, hollow where it moved, a cross where the
+    comparison is not settled at that budget (``rows.settled`` False)."""
     import matplotlib.pyplot as plt
 
     rows = rows[rows.metric == "hungarian"]
     variants = list(dict.fromkeys(rows.variant))
-    keys = list(dict.fromkeys(zip(rows.comparison, rows.challenger)))
+    keys = list(dict.fromkeys(zip(rows.comparison, rows.challenger, rows.reference)))
     n = len(variants) * len(keys)
-    fig, axes = plt.subplots(1, len(preprocessing), figsize=(6.5 * len(preprocessing), 1.0 + 0.22 * n),
+    fig, axes = plt.subplots(1, len(preprocessing), figsize=(6.0 * len(preprocessing) + 1.5, 1.6 + 0.24 * n),
                              sharey=True, squeeze=False)
-    labels = [f"{v} · {c} ({cmp})" for v in variants for cmp, c in keys]
+    labels = [f"{v} · {c} - {ref}" for v in variants for cmp, c, ref in keys]
     for ax, prep in zip(axes[0], preprocessing):
-        ax.axvspan(-margin, margin, color="0.85", zorder=0, lw=0)
+        ax.axvspan(-margin, margin, color="0.88", zorder=0, lw=0)
         ax.axvline(0, color="0.3", lw=1)
         for i, v in enumerate(variants):
-            for j, (cmp, c) in enumerate(keys):
+            for j, (cmp, c, ref) in enumerate(keys):
                 r = rows[(rows.variant == v) & (rows.comparison == cmp) & (rows.challenger == c)
-                         & (rows.preprocessing == prep)]
+                         & (rows.reference == ref) & (rows.preprocessing == prep)]
                 if r.empty:
                     continue
                 r = r.iloc[0]
@@ -200,12 +201,18 @@ def plot_forest(rows, preprocessing: Sequence[str], margin: float, model: str = 
                 ax.errorbar([r.difference], [y], xerr=[[r.difference - r.lo], [r.hi - r.difference]],
                             color=color, marker=marker, ms=6, capsize=2, ls="",
                             mfc=color if r.holds else "white")
+                if "settled" in r and r.settled is False:
+                    ax.plot([r.difference], [y], color="0.1", marker="x", ms=9, ls="")
             if i:
                 ax.axhline(n - 0.5 - i * len(keys), color="0.7", lw=0.6)
-        ax.set(title=f"{prep} activations", xlabel="Hungarian distance: archetypal minus TopK\n"
+        ax.set(title=f"{prep} activations", xlabel="Hungarian distance: archetypal minus reference\n"
                "(below 0: archetypal closer; grey: within the margin)")
     axes[0][0].set_yticks(range(n))
     axes[0][0].set_yticklabels(labels[::-1], fontsize=7)
+    items = [(plt.Line2D([], [], color="0.3", marker="o", ls=""), "filled: the profile's outcome"),
+             (plt.Line2D([], [], color="0.3", marker="o", mfc="white", ls=""), "hollow: the outcome moved"),
+             (plt.Line2D([], [], color="0.1", marker="x", ms=9, ls=""), "x: not settled at the largest budget")]
+    axes[0][-1].legend(*zip(*items), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(model)
     fig.tight_layout()
     return fig

@@ -158,22 +158,6 @@ def find_record(folders: Sequence[str | os.PathLike], name: str, prep: str,
     return None, None
 
 
-def load_records(folder: str | os.PathLike, names: Sequence[str],
-                 preprocessing: Sequence[str]) -> dict[tuple[str, str], dict]:
-    """Every cell's record in a folder, verified by its checksum (not by its key: notebook 02 made
-    them); a clear error naming the first that is missing or broken."""
-    out = {}
-    for name in names:
-        for prep in preprocessing:
-            path = record_path(folder, name, prep)
-            record = read_record(path)
-            if record is None:
-                raise FileNotFoundError(f"{path} is missing or broken: run notebook 02 with "
-                                        f"configurations=[{name!r}] and preprocessing=[{prep!r}]")
-            out[name, prep] = record
-    return out
-
-
 @contextmanager
 def record_lock(path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock for one record while the block runs (a hidden .lock file beside it):

@@ -62,7 +62,7 @@ def slug(name: str) -> str:
 def forest_rows(variant: str, tests: Sequence[dict], reference: Sequence[dict]) -> list[dict]:
     """One row per comparison of a variant's tests, with the profile's outcome for the same
     comparison (and metric) beside it and whether it held."""
-    key = lambda t: (t["comparison"], t["challenger"], t["metric"], t["preprocessing"])  # noqa: E731
+    key = lambda t: (t["comparison"], t["challenger"], t["reference"], t["metric"], t["preprocessing"])  # noqa: E731
     ref = {key(t): t["outcome"] for t in reference}
     return [{"variant": variant, **{k: t[k] for k in ("comparison", "challenger", "reference", "metric",
                                                         "preprocessing", "difference", "lo", "hi",

@@ -25,19 +25,27 @@ import torch
 from ablation import cluster, grid, parameters
 
 CELLS = ("topk-random", "topk-random-points", "ra-random-points", "ra-projection-off")
-SHAPE = ("d_model", "n_latents", "k", "n_candidates", "seeds", "sae_batch_size", "sae_lr", "delta",
-         "clip_grad", "dead_penalty", "lr_decay", "match_start_scale", "pre_bias", "center_encoder")
+SHAPE = ("d_model", *grid.TRAIN_KEYS, "seeds", "train_tokens", "n_fit_tokens", "n_eval_tokens", "seed")
+
+
+def write_cache(folder: Path, d: int) -> None:
+    """Training and held-out activations with the metadata notebook 01 leaves beside them."""
+    from ablation import store
+
+    gen = np.random.default_rng(0)
+    for split, n in (("train", 60_000), ("heldout", 5_000)):
+        path = folder / f"acts_{split}.npy"
+        np.save(path, gen.standard_normal((n, d), dtype=np.float32) + 2.0)
+        store.write_json_atomic(path.with_suffix(".json"), {"model_name": "bench", "split": split,
+                                                            "shape": [n, d], "sha256": store.file_sha256(path)})
 
 
 def jobs(prm: dict, cache: Path, run_dir: Path, steps: int) -> list[grid.CellJob]:
-    """The four cells at the profile's settings, each judged converged at ``steps`` steps (then the decay)."""
+    """The four cells at the profile's settings, on one budget of ``steps`` steps (and its cooldown)."""
     tokens = steps * prm["sae_batch_size"]
-    train = {k: prm[k] for k in SHAPE if k not in ("d_model", "seeds")} | dict(
-        min_sae_tokens=tokens, max_sae_tokens=2 * tokens, converge_tolerance=10.0, aux_k=0,
-        aux_dead_tokens=100_000, kmeans_shared_seed=0, n_log_snapshots=4, snapshots_per_doubling=4,
-        n_boot=200, seed=0, device="cpu", precision="float32")
-    return [grid.CellJob(str(run_dir), n, "centered", str(cache), tuple(prm["seeds"]), {"cell": n},
-                         train, n_fit_tokens=20_000) for n in CELLS]
+    params = {**prm, "run_dir": str(cache), "sae_budget": tokens, "n_budgets": 1, "n_log_snapshots": 4,
+              "snapshots_per_doubling": 4, "n_fit_tokens": 20_000, "n_eval_tokens": 2_000, "device": "cpu"}
+    return grid.cell_jobs(params, CELLS, ["centered"], run_dir, [run_dir / "cells"])
 
 
 def main() -> None:
@@ -51,9 +59,8 @@ def main() -> None:
     prm = parameters.resolve_parameters({"profile": a.profile, **dict.fromkeys(SHAPE)})
     cores, d = os.cpu_count() or 1, a.d or prm["d_model"]
     with tempfile.TemporaryDirectory() as tmp:
-        cache = Path(tmp) / "acts.npy"
-        gen = np.random.default_rng(0)
-        np.save(cache, (gen.standard_normal((60_000, d), dtype=np.float32) + 2.0))
+        cache = Path(tmp)
+        write_cache(cache, d)
         times = {}
         for scheduler in ("serial", "local"):
             t = time.perf_counter()

@@ -70,8 +70,11 @@ def smoke(made) -> Path:
 
 @pytest.fixture
 def run_copy(smoke, tmp_path) -> Path:
-    """A copy of the smoke run folder (mtimes kept), for tests that re-run or break stages."""
-    return Path(shutil.copytree(smoke, tmp_path / "run", symlinks=True))
+    """A copy of the smoke run folder (mtimes kept) with the profile's cell records in its own
+    cells/ (where a stage run on another folder keeps them), for tests that re-run or break stages."""
+    copy = Path(shutil.copytree(smoke, tmp_path / "run", symlinks=True))
+    shutil.copytree(smoke.parent.parent / "report" / "smoke" / "cells", copy / "cells")
+    return copy
 
 
 # ----------------------------------------------------------------------------- shared by the unit tests
@@ -110,3 +113,27 @@ def pair_matrix(values: np.ndarray) -> np.ndarray:
     m = values[:, None] + values[None, :]
     np.fill_diagonal(m, np.nan)
     return m
+
+
+def write_cache(folder: Path, d: int = 32, n_train: int = 4000, n_heldout: int = 600) -> Path:
+    """A small pair of activation caches with their metadata, as notebook 01 leaves them (toy data
+    far from the origin); returns the folder."""
+    from ablation import store
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = synthetic.galaxy_toy_data(n_train + n_heldout, d, 5.0, seed=1).numpy()
+    for split, arr in (("train", data[:n_train]), ("heldout", data[n_train:])):
+        np.save(folder / f"acts_{split}.npy", arr)
+        store.write_json_atomic(folder / f"acts_{split}.json", {
+            "model_name": "toy", "hook": "blocks.0.hook_resid_post", "split": split, "n_tokens": len(arr),
+            "shape": list(arr.shape), "sha256": store.file_sha256(folder / f"acts_{split}.npy")})
+    return folder
+
+
+def smoke_params(**over) -> dict:
+    """The smoke profile's parameters as notebook 02 resolves them, for a cache of write_cache."""
+    from ablation import grid, parameters
+
+    names = ("profile", *grid.TRAIN_KEYS, "seeds", "train_tokens", "n_fit_tokens", "n_eval_tokens", "seed")
+    params = parameters.resolve_parameters({n: None for n in names} | {"profile": "smoke"})
+    return {**params, "seeds": [0, 1, 2], "n_fit_tokens": 2000, "n_eval_tokens": 500, **over}

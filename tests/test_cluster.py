@@ -9,93 +9,60 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from ablation import cluster, grid, parameters, synthetic
-from ablation.store import cell_lock, load_result
-
-CELL_KEYS = grid.TRAIN_KEYS  # train_cell's settings, as notebook 02 passes them
-
-
-@pytest.fixture(scope="module")
-def smoke() -> dict:
-    """The smoke profile's training parameters, as notebook 02 resolves them."""
-    return parameters.resolve_parameters({n: None for n in ("profile", *CELL_KEYS)} | {"profile": "smoke"})
-
+from ablation import cluster, grid, parameters
+from ablation.store import cell_lock
+from conftest import smoke_params, write_cache
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
-    """A small activation cache on disk, as notebook 01 leaves one."""
-    path = tmp_path_factory.mktemp("acts") / "acts_train.npy"
-    np.save(path, synthetic.galaxy_toy_data(4000, 32, 5.0, seed=1).numpy())
-    return path
+    """A small pair of activation caches on disk, as notebook 01 leaves them."""
+    return write_cache(tmp_path_factory.mktemp("acts"))
 
 
-def job(smoke: dict, cache: Path, run_dir: Path, name: str, **over) -> grid.CellJob:
-    """A smoke cell of 3 runs as notebook 02 builds it (over: train_cell keywords changed)."""
-    train = {k: smoke[k] for k in CELL_KEYS} | over
-    return grid.CellJob(str(run_dir), name, "centered", str(cache), (0, 1, 2),
-                        {"cell": name, **{k: v for k, v in train.items() if k != "device"}}, train,
-                        n_fit_tokens=2000)
+def job(cache: Path, run_dir: Path, name: str, **over) -> grid.CellJob:
+    """A smoke cell of 3 runs as notebook 02 builds it (over: parameters changed)."""
+    return grid.cell_jobs(smoke_params(run_dir=str(cache), **over), [name], ["centered"], run_dir,
+                          [run_dir / "cells"])[0]
 
 
-def saved(run_dir: Path, name: str) -> dict:
-    """The trained state of every run of a saved cell."""
-    cell = load_result(grid.cell_file(run_dir, name, "centered"), {})
-    assert cell is not None
-    return cell["state_dicts"]
-
-
-def same(a: dict | list, b: dict | list) -> bool:
-    """Bit-for-bit equality of two nested containers of tensors."""
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-
-
-def test_two_local_workers_give_the_serial_numbers_bit_for_bit(smoke, cache, tmp_path):
+def test_two_local_workers_give_the_serial_numbers_bit_for_bit(cache, tmp_path):
     names = ("topk-random", "ra-random-points")
-    serial = [replace(job(smoke, cache, tmp_path / "serial", n), threads=1) for n in names]
+    serial = [replace(job(cache, tmp_path / "serial", n), threads=1) for n in names]
     out_serial = cluster.map_cells(serial, None)
     assert torch.get_num_threads() > 0
     with cluster.cell_runner("local", 2) as client:
         assert len(client.nthreads()) == 2 and set(client.nthreads().values()) == {1}
-        out_dask = cluster.map_cells([job(smoke, cache, tmp_path / "dask", n) for n in names], client)
-    for name, a, b in zip(names, out_serial, out_dask):
-        assert same(saved(tmp_path / "serial", name), saved(tmp_path / "dask", name))
-        assert torch.equal(a["loss"], b["loss"]) and a["convergence"] == b["convergence"]
-    again = cluster.map_cells(serial, None)  # saved: found, not retrained
-    assert all(torch.equal(a["loss"], b["loss"]) for a, b in zip(again, out_serial))
-    # a reused cell says so, and keeps the training seconds of the run that trained it
-    assert not any(a["reused"] for a in out_serial) and all(a["reused"] for a in again)
-    assert [a["train_seconds"] for a in again] == [a["train_seconds"] for a in out_serial]
-    assert all(0 < a["train_seconds"] <= a["seconds"] for a in out_serial)
+        out_dask = cluster.map_cells([job(cache, tmp_path / "dask", n) for n in names], client)
+    for a, b in zip(out_serial, out_dask):
+        assert a["record"]["payload"] == b["record"]["payload"] and a["record"]["key"] == b["record"]["key"]
+    again = cluster.map_cells(serial, None)  # recorded: found, not retrained
+    assert [a["record"] for a in again] == [a["record"] for a in out_serial]
+    # a reused cell says where it was found, and keeps the seconds of the run that trained it
+    assert not any(a["found"] for a in out_serial) and all(a["found"] for a in again)
+    assert all(0 < a["record"]["made"]["seconds"]["train"] <= a["seconds"] for a in out_serial)
 
 
-def test_a_killed_worker_loses_nothing(smoke, cache, tmp_path):
-    long = dict(converge_tolerance=1e-9, max_sae_tokens=smoke["min_sae_tokens"] * 64)  # to the cap
-    whole = cluster.map_cells([replace(job(smoke, cache, tmp_path / "whole", "ra-random-points", **long),
+def test_a_killed_worker_loses_nothing(cache, tmp_path):
+    long = dict(sae_budget=12_800 * 8)
+    whole = cluster.map_cells([replace(job(cache, tmp_path / "whole", "ra-random-points", **long),
                                        threads=1)], None)[0]
     ckpt = grid.cell_file(tmp_path / "killed", "ra-random-points", "centered", ".ckpt")
     with cluster.cell_runner("local", 2) as client:
-        fut = client.submit(grid.run_cell, replace(job(smoke, cache, tmp_path / "killed",
-                                                       "ra-random-points", **long), threads=1),
-                            pure=False)
+        fut = client.submit(grid.run_cell, replace(job(cache, tmp_path / "killed", "ra-random-points", **long),
+                                                   threads=1), pure=False)
         deadline = time.monotonic() + 120
-        while not ckpt.exists() and time.monotonic() < deadline:  # the cell is halfway through
+        while not ckpt.exists() and time.monotonic() < deadline:  # the cell is partway through
             time.sleep(0.005)
         busy = [w for w, keys in client.processing().items() if fut.key in keys]
         assert ckpt.exists() and len(busy) == 1, "the cell finished before it could be interrupted"
         pid = client.run(os.getpid, workers=busy)[busy[0]]
         os.kill(pid, signal.SIGKILL)
         out = fut.result(timeout=300)
-    assert same(saved(tmp_path / "whole", "ra-random-points"), saved(tmp_path / "killed", "ra-random-points"))
-    assert torch.equal(out["loss"], whole["loss"]) and not ckpt.exists()
-    assert out["resumed"] and not whole["resumed"]  # finished from the killed worker's checkpoint
+    assert out["record"]["payload"] == whole["record"]["payload"] and not ckpt.exists()
+    assert out["record"]["made"]["resumed"] and not whole["record"]["made"]["resumed"]
 
 
 def test_a_cell_is_trained_by_one_process_at_a_time(tmp_path):

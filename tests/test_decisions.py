@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from ablation import decisions, labels
+from ablation import decisions, labels, synthetic
 from conftest import pair_matrix
 
 
@@ -37,104 +36,115 @@ def test_an_interval_that_crosses_a_margin_is_undecided_and_the_margin_must_be_p
             decisions.outcome(0.0, 0.0, bad)
 
 
-def record(converged: bool, slope: float, lo: float, hi: float) -> dict:
-    """A convergence record as notebook 02 writes it."""
-    return {"converged": converged, "slope": slope, "lo": lo, "hi": hi, "slope_before": slope,
-            "lo_before": lo, "hi_before": hi, "tolerance": 0.02, "tokens": 8_000_000,
-            "max_tokens": 8_000_000}
+def test_quality_gate_flags_what_did_not_learn_and_what_died():
+    assert decisions.quality_gate(0.12, 0.1, 0.4, 0.5) == []
+    assert decisions.quality_gate(1.3, 0.1, 0.4, 0.5) == ["held-out FVU 1.30 > 0.4 (worse than predicting the mean)"]
+    assert decisions.quality_gate(0.2, 0.62, 0.4, 0.5) == ["62% of latents dead > 50%"]
+    assert len(decisions.quality_gate(float("nan"), 0.0, 0.4, 0.5)) == 1  # a NaN FVU never passes
 
 
-def test_quality_gate_flags_what_did_not_learn_or_converge():
-    done = record(True, -0.004, -0.011, 0.002)
-    assert decisions.quality_gate(0.12, done, 0.4) == []
-    assert decisions.quality_gate(1.3, done, 0.4) == ["held-out FVU 1.30 > 0.4 (worse than predicting the mean)"]
-    moving = record(False, -0.05, -0.07, -0.03)
-    assert decisions.quality_gate(0.5, moving, 0.4)[1] == (
-        "not converged within the cap of 8,000,000 tokens: slope -0.050 per doubling [-0.070, -0.030] "
-        "at 8,000,000 tokens (the doubling before: -0.050 [-0.070, -0.030]), not both within +-0.02")
-    assert len(decisions.quality_gate(float("nan"), done, 0.4)) == 1  # a NaN FVU never passes
+def level(v: float) -> np.ndarray:
+    """A run-by-run matrix of 4 runs whose every pair is at distance v."""
+    return pair_matrix(np.full(4, v / 2))
 
 
-def test_the_verdict_over_training_and_where_each_sign_settles():
-    tokens = np.array([0, 1000, 2000, 4000, 8000])
-    level = lambda values: np.stack([pair_matrix(np.full(4, v / 2)) for v in values])  # noqa: E731
-    traj = {("topk-random", "raw"): {"tokens": tokens, "lr": np.array([1, 1, 1, 1, 0.5]),
-                                      "hungarian": level([0.6, 0.5, 0.45, 0.42, 0.41])},
-            # starts further apart, within the margin of the baseline from 2000 tokens on; converged earlier
-            ("ra-random-points", "raw"): {"tokens": tokens[:4], "lr": np.array([1, 1, 1, 0.5]),
-                                          "hungarian": level([0.7, 0.6, 0.42, 0.38])}}
-    over = pd.DataFrame(decisions.tests_over_training(traj, ["raw"], 0.05, 200, 0))
-    assert set(over.comparison) == {"against topk-random"}  # no start-matched TopK in this grid
-    fals = over[over.test == "falsification"]
-    assert list(fals.tokens) == [0, 1000, 2000, 4000, 8000]
-    assert list(fals.stage) == ["full rate"] * 3 + ["held", "end"]
-    # at 4000 the challenger, converged at 2000, is held there against the baseline's 4000
-    assert fals.difference.tolist() == pytest.approx([0.1, 0.1, -0.03, 0.0, 0.38 - 0.41])
-    stab = over[over.test == "stabilization"]
-    assert stab.difference.iloc[-1] == pytest.approx((0.38 - 0.7) - (0.41 - 0.6))
-    assert fals.outcome.iloc[0] == labels.FURTHER  # +0.1: further apart by more than the margin
-    settled = {(s["test"], s["challenger"]): s for s in decisions.outcome_settled(over)}
-    f = settled["falsification", "ra-random-points"]
-    # -0.03, 0.0, -0.03 from 2000 tokens on: all inside the margin of 0.05, equivalent from there
-    assert f["outcome"] == labels.EQUIVALENT and f["settled_from"] == 2000
-    assert f["end_difference"] == pytest.approx(-0.03)
+def at(*values: float) -> dict:
+    """A cell at every budget (after the cooldown and on the trunk alike), Hungarian distance
+    ``values[i]`` at budget i for every pair of runs."""
+    rows = [{"tokens": 1000 * 2 ** i, "pairs": {"hungarian": level(v)}} for i, v in enumerate(values)]
+    return {"branch": rows, "trunk": rows}
 
 
-def cell(start: float, end: float) -> dict:
-    """A cell whose every run pair is at distance start at step 0 and end at its end (both metrics)."""
-    m = np.stack([pair_matrix(np.full(4, v / 2)) for v in (start, end)])
-    return {"mean_min": m, "hungarian": m}
+def test_every_comparison_is_read_at_every_budget_and_settles_or_not():
+    budgets = {("topk-random", "raw"): at(0.6, 0.5, 0.45, 0.42),
+               ("ra-random-points", "raw"): at(0.7, 0.6, 0.44, 0.41),  # within the margin from 4 k on
+               ("ra-kmeans-independent", "raw"): at(0.1, 0.2, 0.3, 0.4)}  # drifting, crossing -0.05
+    over = decisions.tests_over_budgets(budgets, ["raw"], 0.05, 200, 0)
+    assert {(r["challenger"], r["reading"]) for r in over} == {
+        (c, r) for c in ("ra-random-points", "ra-kmeans-independent") for r in ("branch", "trunk")}
+    rp = [r for r in over if r["challenger"] == "ra-random-points" and r["reading"] == "branch"]
+    assert [r["tokens"] for r in rp] == [1000, 2000, 4000, 8000]
+    assert [r["difference"] for r in rp] == pytest.approx([0.1, 0.1, -0.01, -0.01])
+    verdicts = {v["challenger"]: v for v in decisions.verdict_over_budgets(over, budgets, 0.025, {})}
+    v = verdicts["ra-random-points"]
+    assert v["outcome"] == labels.EQUIVALENT and v["settled"] and v["tokens"] == 8000
+    assert v["noise"] == {"cooldown": 0.0, "last_doubling": pytest.approx(0.0), "seed_sets": pytest.approx(0.0)}
+    moving = verdicts["ra-kmeans-independent"]
+    assert moving["difference"] == pytest.approx(-0.02) and not moving["settled"]
+    assert "moved +0.130" in moving["why"] and "outcome changed" in moving["why"]
 
 
-def test_tests_skip_excluded_cells_and_the_verdict_follows_them():
-    traj = {("topk-random", "raw"): cell(0.7, 0.4), ("ra-kmeans-independent", "raw"): cell(0.05, 0.08),
-            ("ra-random-points", "raw"): cell(0.3, 0.1)}
-    tests, skipped = decisions.falsification_tests(traj, ["raw"], {}, 0.05, 200, 0)
-    assert len(tests) == 4 and skipped == [] and all(t["outcome"] == labels.CLOSER for t in tests)
-    adv, _ = decisions.stabilization_tests(traj, ["raw"], {}, 0.05, 200, 0)
-    assert [t["stabilization_advantage"] for t in adv] == [False, False, False, False]
-    said = decisions.verdict(tests, adv)
-    assert "margin of 0.05" in said and "cannot tell the start from the constraint" in said
-    assert "ra-random-points vs topk-random (raw) closer (-0.300 [-0.300, -0.300])" in said
-    assert "no stabilization advantage" in said
-    traj["ra-random-points", "raw"] = cell(0.7, 0.1)
-    adv, _ = decisions.stabilization_tests(traj, ["raw"], {}, 0.05, 200, 0)
-    assert "come closer than TopK runs by more than the margin in: ra-random-points" in \
-        decisions.verdict(tests, adv)
+def test_the_noise_of_a_difference_is_its_cooldown_shift_and_its_two_seed_sets():
+    m = pair_matrix(np.array([0.1, 0.1, 0.3, 0.3]))  # first half's pairs 0.2, second half's 0.6
+    ref = level(0.4)
+    budgets = {("topk-random", "raw"): {"branch": [{"tokens": 1, "pairs": {"hungarian": ref}}] * 2,
+                                        "trunk": [{"tokens": 1, "pairs": {"hungarian": level(0.5)}}] * 2},
+               ("ra-random-points", "raw"): {"branch": [{"tokens": 1, "pairs": {"hungarian": m}}] * 2,
+                                             "trunk": [{"tokens": 1, "pairs": {"hungarian": m}}] * 2}}
+    over = decisions.tests_over_budgets(budgets, ["raw"], 0.05, 200, 0)
+    (v,) = decisions.verdict_over_budgets(over, budgets, 0.025, {})
+    assert v["noise"]["cooldown"] == pytest.approx(0.1)  # the trunk's reference is 0.1 further apart
+    assert v["noise"]["seed_sets"] == pytest.approx(0.4)  # (0.2 - 0.4) against (0.6 - 0.4)
+
+
+def test_tests_at_a_budget_skip_excluded_cells_and_read_alive_atoms_too():
+    cell = lambda v, alive: {"mean_min": level(v), "hungarian": level(v), "hungarian_alive": level(alive)}  # noqa: E731
+    mats = {("topk-random", "raw"): cell(0.4, 0.4), ("ra-kmeans-independent", "raw"): cell(0.08, 0.3),
+            ("ra-random-points", "raw"): cell(0.1, 0.1)}
+    tests, skipped = decisions.falsification_tests(mats, ["raw"], {}, 0.05, 200, 0)
+    assert len(tests) == 6 and skipped == []
+    alive = {t["challenger"]: t["outcome"] for t in tests if t["metric"] == "hungarian_alive"}
+    assert alive == {"ra-kmeans-independent": labels.CLOSER, "ra-random-points": labels.CLOSER}
     excluded = {("ra-random-points", "raw"): ["held-out FVU 1.20 > 0.4"]}
-    tests, skipped = decisions.falsification_tests(traj, ["raw"], excluded, 0.05, 200, 0)
+    tests, skipped = decisions.falsification_tests(mats, ["raw"], excluded, 0.05, 200, 0)
     assert {t["challenger"] for t in tests} == {"ra-kmeans-independent"}
     assert skipped == ["ra-random-points vs topk-random, raw: excluded, ra-random-points (raw): "
                        "held-out FVU 1.20 > 0.4"]
-    assert ("Not testable on this grid: ra-random-points vs topk-random, raw: excluded, "
-            "ra-random-points (raw): held-out FVU 1.20 > 0.4.") in decisions.verdict(tests, adv, skipped)
-    none, skipped = decisions.falsification_tests(traj, ["raw"], {("topk-random", "raw"): ["x"]},
-                                                  0.05, 200, 0)
-    assert none == [] and len(skipped) == 2 and decisions.verdict([], [], skipped).startswith("no test could run")
-    assert decisions.verdict([], []).startswith("not tested: the grid has no archetypal configuration")
+    step0 = {k: level(0.7 if k[0] == "topk-random" else 0.05) for k in mats}
+    adv, _ = decisions.stabilization_tests(step0, mats, ["raw"], {}, 0.05, 200, 0)
+    assert [t["stabilization_advantage"] for t in adv] == [False, False]  # TopK came 0.3 closer
 
 
-def test_start_matched_controls_separate_the_start_from_the_constraint():
-    # archetypal runs end far closer than TopK from random starts, but exactly as close as TopK
-    # started at the same random points: the closeness is the start's, not the constraint's
-    traj = {("topk-random", "centered"): cell(0.7, 0.4), ("ra-random-points", "centered"): cell(0.3, 0.2),
-            ("topk-random-points", "centered"): cell(0.3, 0.21)}
-    tests, _ = decisions.falsification_tests(traj, ["centered"], {}, 0.05, 200, 0)
-    hung = {t["comparison"]: t for t in tests if t["metric"] == "hungarian"}
-    assert hung["against topk-random"]["outcome"] == labels.CLOSER
-    assert hung["matched start"]["reference"] == "topk-random-points"
-    assert hung["matched start"]["outcome"] == labels.EQUIVALENT
-    adv, _ = decisions.stabilization_tests(traj, ["centered"], {}, 0.05, 200, 0)
-    said = decisions.verdict(tests, adv)
-    assert "the closeness comes from the start, not the constraint" in said
-    # and where the constraint itself pulls runs together, the verdict says so
-    traj["topk-random-points", "centered"] = cell(0.3, 0.35)
-    tests, _ = decisions.falsification_tests(traj, ["centered"], {}, 0.05, 200, 0)
-    assert "FALSIFIED where the constraint itself" in decisions.verdict(tests, adv)
-    over = pd.DataFrame(decisions.tests_over_training(
-        {k: {**v, "tokens": np.array([0, 1000]), "lr": np.array([1.0, 1.0])} for k, v in traj.items()},
-        ["centered"], 0.05, 200, 0))
-    assert set(over.comparison) == {"against topk-random", "matched start"}
+def verdict_row(comparison, c, ref, diff, outcome, settled=True, flagged=()):
+    return {"comparison": comparison, "challenger": c, "reference": ref, "preprocessing": "centered",
+            "tokens": 16_000_000, "difference": diff, "lo": diff - 0.01, "hi": diff + 0.01,
+            "outcome": outcome, "margin": 0.05, "settled": settled, "why": "" if settled else "moved",
+            "flagged": list(flagged)}
+
+
+def test_each_claim_gets_one_of_three_statuses_from_settled_comparisons():
+    over = [verdict_row("original protocol", "ra-kmeans-shared", "topk-random", -0.2, labels.CLOSER),
+            verdict_row("against topk-random", "ra-random-points", "topk-random", -0.01, labels.EQUIVALENT),
+            verdict_row("matched start", "ra-random-points", "topk-random-points", -0.07, labels.CLOSER,
+                        settled=False)]
+    stab = [{"comparison": "against topk-random", "challenger": "ra-random-points", "reference": "topk-random",
+             "preprocessing": "centered", "difference": 0.2, "outcome": labels.FURTHER,
+             "stabilization_advantage": False}]
+    got = {c["claim"]: c["status"] for c in decisions.claims(over, stab, None)}
+    assert got == {"shared_start_stable": labels.SUPPORTED, "independent_not_closer": labels.SUPPORTED,
+                   "constraint_no_effect": labels.NOT_ESTABLISHED,  # closer, but still moving
+                   "no_stabilization": labels.SUPPORTED, "galaxy": labels.NOT_ESTABLISHED}
+    over[2]["settled"] = True
+    got = {c["claim"]: c["status"] for c in decisions.claims(over, stab, None)}
+    assert got["constraint_no_effect"] == labels.CONTRADICTED
+    over[1]["flagged"] = ["ra-random-points (centered): held-out FVU 0.90 > 0.4"]
+    rows = decisions.claims(over, stab, None)
+    assert {c["claim"]: c["status"] for c in rows}["independent_not_closer"] == labels.NOT_ESTABLISHED
+    assert all(c["status"] in labels.STATUSES for c in rows)
+    said = decisions.verdict(rows, over)
+    assert "SUPPORTED" in said and "CONTRADICTED" in said and "FALSIFIED" not in said
+    assert "Not settled: ra-random-points - topk-random (centered): ra-random-points (centered): held-out" in said
+
+
+def test_the_galaxy_claim_rests_on_what_removing_the_mean_does_to_the_same_runs():
+    close = {("ra-kmeans-shared", "raw"): {"hungarian": level(0.06), "hungarian_read": level(0.35)}}
+    g = decisions.galaxy_test(close, 0.05, 200, 0)
+    assert g["difference"] == pytest.approx(0.29) and g["outcome"] == labels.FURTHER
+    assert {c["claim"]: c["status"] for c in decisions.claims([], [], g)}["galaxy"] == labels.SUPPORTED
+    same = {("ra-kmeans-shared", "raw"): {"hungarian": level(0.3), "hungarian_read": level(0.31)}}
+    g = decisions.galaxy_test(same, 0.05, 200, 0)
+    assert {c["claim"]: c["status"] for c in decisions.claims([], [], g)}["galaxy"] == labels.CONTRADICTED
+    assert decisions.galaxy_test({}, 0.05, 200, 0) is None
 
 
 def test_the_geometry_free_control_reads_alive_latents_and_keeps_the_all_latent_number():
@@ -168,13 +178,17 @@ def test_the_authors_pattern_holds_on_their_own_numbers_and_not_on_its_opposite(
 def test_ground_truth_summary_reads_its_numbers_either_way():
     agree = {"a": {"recovered": 0.9, "hungarian_between_runs": 0.1},
              "b": {"recovered": 0.2, "hungarian_between_runs": 0.5}}
-    assert "also the most correct" in decisions.ground_truth_summary(agree)
-    disagree = {"a": {"recovered": 0.9, "hungarian_between_runs": 0.4},
-                "b": {"recovered": 0.2, "hungarian_between_runs": 0.01}}
-    assert "Stability is not correctness: the most stable configuration recovers 20%" in \
-        decisions.ground_truth_summary(disagree)
+    assert "also the most correct" in synthetic.ground_truth_summary(agree)
+    disagree = {"a": {"recovered": 0.9, "hungarian_between_runs": 0.4, "recovered_centered": 0.8,
+                      "hungarian_between_runs_centered": 0.1},
+                "b": {"recovered": 0.2, "hungarian_between_runs": 0.01, "recovered_centered": 0.3,
+                      "hungarian_between_runs_centered": 0.5}}
+    said = synthetic.ground_truth_summary(disagree)
+    assert "Stability is not correctness: the most stable configuration recovers 20%" in said
+    assert "On centered synthetic data" in said and "also the most correct" in said
 
 
-def test_the_verdict_over_training_without_a_challenger_is_empty():
-    over = pd.DataFrame(decisions.tests_over_training({}, ["raw"], 0.05, 100, 0))
-    assert over.empty and decisions.outcome_settled(over) == []
+def test_no_comparison_no_claim_established():
+    assert decisions.tests_over_budgets({}, ["raw"], 0.05, 100, 0) == []
+    assert decisions.verdict([], []).startswith("not tested")
+    assert all(c["status"] == labels.NOT_ESTABLISHED for c in decisions.claims([], [], None))

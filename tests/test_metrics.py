@@ -81,3 +81,22 @@ def test_activation_correlation_of_runs_that_differ_only_by_dead_latents_is_one(
     assert metrics.matched_activation_correlation(codes, other, alive_only=False) == \
         pytest.approx(0.75, abs=1e-6)
     assert np.isnan(metrics.matched_activation_correlation(codes, torch.zeros(300, 20)))
+
+
+def test_two_runs_identical_but_for_their_dead_atoms_are_zero_apart_over_alive_atoms():
+    from ablation import evaluation, starts
+
+    x = torch.randn(3000, 16) + 4.0
+    a = starts.make_sae("topk", "random", x, 24, 3, seed=0)
+    b = starts.make_sae("topk", "random", x, 24, 3, seed=0)
+    with torch.no_grad():  # latents 20-23 can never fire; in b their atoms point elsewhere
+        for m in (a, b):
+            m.b_enc[20:] = -1e6
+        b.W_dec[20:] = torch.randn(4, 16)
+    out = evaluation.evaluate_runs([a, b], x, x, x.mean(0))
+    assert out["runs"]["dead_fraction"][0] >= 4 / 24
+    assert out["pairs"]["hungarian_alive"][0, 1] == pytest.approx(0.0, abs=1e-6)
+    assert out["pairs"]["hungarian"][0, 1] > 0.01  # over all atoms the dead ones count
+    assert out["pairs"]["activation_corr"][0, 1] == pytest.approx(1.0, abs=1e-5)
+    for m in evaluation.PAIR_METRICS:
+        assert out["pairs"][m].shape == (2, 2) and np.isnan(out["pairs"][m][0, 0]), m

@@ -121,10 +121,13 @@ def test_plain_papermill_with_a_profile_writes_under_its_own_run_folder(profile)
 
 
 def test_switching_profile_is_one_line_and_explicit_values_win():
-    cell = {n: None for n in ("profile", "k", "n_latents", "max_sae_tokens", "run_dir", "figures_dir")}
+    cell = {n: None for n in ("profile", "k", "n_latents", "sae_budget", "run_dir", "cells_dir", "figures_dir")}
     smoke = parameters.resolve_parameters({**cell, "profile": "smoke"})
     assert (smoke["k"], smoke["n_latents"], smoke["run_dir"]) == (4, 32, "runs/smoke")
-    assert smoke["figures_dir"] == "runs/smoke/figures"
+    assert smoke["figures_dir"] == "runs/smoke/figures" and smoke["sae_budget"] == 12_800
+    assert smoke["cells_dir"] == "report/smoke/cells"  # the profile's own folder: committed records
+    other = parameters.resolve_parameters({**cell, "profile": "smoke", "run_dir": "runs/elsewhere"})
+    assert other["cells_dir"] == "runs/elsewhere/cells"  # any other run folder keeps its records
     assert parameters.resolve_parameters({**cell, "profile": "smoke", "k": 8})["k"] == 8
     assert parameters.resolve_parameters(cell)["k"] == 16  # the default profile: the defaults
     with pytest.raises(ValueError, match="profile='smok' is unknown; choose one of"):

@@ -30,7 +30,7 @@ def digest(folder: Path) -> dict[str, str]:
 def science(repo: Path) -> dict:
     """Notebook 04's numbers of the smoke profile, without timings."""
     abl = json.loads((repo / "runs" / "smoke" / "04_initialization_ablation.json").read_text())
-    return {k: abl[k] for k in ("endpoint", "falsification", "stabilization", "synthetic", "verdict")}
+    return {k: abl[k] for k in ("endpoint", "falsification", "stabilization", "verdict_over_budgets", "verdict")}
 
 
 @pytest.fixture
@@ -47,7 +47,8 @@ def test_make_report_smoke_writes_every_output_and_nothing_tracked(made):
         assert json.loads((report / f"{stage}.json").read_text()), stage
         page = (report / f"{stage}.ipynb").read_text()  # no progress-widget state kept
         assert "widget-view+json" not in page and "widgets" not in json.loads(page)["metadata"], stage
-    for fig in ("fig1_mean_min", "fig1_hungarian", "fig2_galaxy_toy", "00_lm_loss", "02_training_fvu"):
+    for fig in ("fig1_mean_min", "fig1_hungarian", "fig2_galaxy_toy", "00_lm_loss", "02_training_fvu",
+                "02_schedule", "fig3_verdict_over_budgets"):
         for ext in ("png", "pdf"):
             assert (made / "runs" / "smoke" / "figures" / f"{fig}.{ext}").is_file()
     executed = json.loads((report / "04_initialization_ablation.ipynb").read_text())
@@ -83,18 +84,26 @@ def test_a_clean_clone_runs_every_stage_and_a_dry_run_changes_nothing(tmp_path):
     assert digest(repo) == before  # `make -n report` wrote nothing, README.md included
 
 
-def test_a_corrupt_cell_is_named_rebuilt_and_gives_the_same_numbers(made, made_copy):
-    cell = made_copy / "runs" / "smoke" / "saes" / "topk-random__raw.safetensors"
-    raw = bytearray(cell.read_bytes())
-    raw[-256:] = bytes(range(256))  # finite garbage where tensors were
-    cell.write_bytes(bytes(raw))
+def test_a_corrupt_record_is_named_retrained_and_gives_the_same_numbers(made, made_copy):
+    record = made_copy / "report" / "smoke" / "cells" / "topk-random__raw.json"
+    record.write_text(record.read_text().replace('"hungarian":[0.', '"hungarian":[0.9', 1))  # an edit
     done = run(["make", "report", "PROFILE=smoke"], made_copy)
     assert "report.py run smoke notebooks/02_train_saes.ipynb" in done.stdout  # make noticed
     assert "notebooks/04_initialization_ablation.ipynb" in done.stdout  # and re-ran what reads it,
     assert "notebooks/03_galaxy_far_away.ipynb" not in done.stdout  # not the galaxy (the cache's)
     executed = (made_copy / "report" / "smoke" / "02_train_saes.ipynb").read_text()
-    assert f"{cell.relative_to(made_copy)}: checksum mismatch" in executed  # and said which file
-    assert science(made_copy) == science(made)  # rebuilt bit-identically (truncation: test_store.py)
+    assert "topk-random__raw.json: fails its checksum" in executed  # and said which file
+    assert science(made_copy) == science(made)  # retrained to the same numbers (truncation: test_records.py)
+
+
+def test_make_verify_retrains_a_deciding_pair_and_finds_its_records_again(made_copy):
+    done = run(["make", "verify", "PROFILE=smoke"], made_copy)
+    lines = [l for l in done.stdout.splitlines() if re.match(r"\s+[\d,]+\s+[\d.]+\s+[\d.]+\s+[-+]", l)]
+    assert len(lines) == 2 * 3  # two cells, three budgets
+    assert all(float(l.split()[3]) == 0.0 for l in lines)  # this machine: the same numbers
+    assert "at the largest budget: committed" in done.stdout
+    bad = run(["make", "verify", "PROFILE=smoke", "CELLS=topk-randm__raw"], made_copy, ok=False)
+    assert "CELLS=['topk-randm__raw'] are not cells of profile 'smoke'" in bad.stderr
 
 
 def test_an_override_run_gets_its_own_folder_and_leaves_the_profile_alone(made_copy):
@@ -241,162 +250,56 @@ def test_every_configuration_the_readme_names_is_in_its_glossary():
     assert not missing, f"configurations the README names but its glossary does not define: {missing}"
 
 
-def test_the_committed_verdict_holds_on_a_second_seed_set():
-    """The default profile's notebook 05 re-trains the decisive cells on seeds disjoint from the
-    profile's: every outcome of the committed verdict must come out the same."""
-    rob = json.loads((ROOT / "report" / "default" / "05_robustness.json").read_text())
-    assert "second seed set" in rob["variants"], "render notebook 05 with the second seed set"
-    rows = [r for r in rob["rows"] if r["variant"] == "second seed set"]
-    profile = [r for r in rob["rows"] if r["variant"] == "profile"]
-    assert len(rows) == len(profile) > 0 and not rob["skipped"]["second seed set"]
-    moved = [(r["challenger"], r["reference"], r["metric"], r["outcome"], r["committed_outcome"])
-             for r in rows if not r["holds"]]
-    assert not moved, f"outcomes that move with the seeds: {moved}"
+def test_the_readme_is_its_template_filled_from_the_committed_json():
+    import readme
+
+    assert readme.render() == (ROOT / "README.md").read_text(), "README.md is stale: run `make README.md`"
+    code = [line for line in (ROOT / "readme.py").read_text().splitlines() if line.strip()]
+    assert len((ROOT / "readme.py").read_text().splitlines()) <= 300 and len(code) > 50
 
 
-def test_a_larger_dictionarys_cost_comes_from_the_grids_own_timed_cells():
-    from readme import larger_dictionary_hours
-    cell = lambda tokens, seconds, **kw: {"convergence": {"tokens_trained": tokens},  # noqa: E731
-                                          "train_seconds": seconds, **kw}
-    grid = {"cells": {"topk-random__centered": cell(1e6, 100.0),  # 10,000 tokens/s
-                      "ra-random-points__centered": cell(2e6, 400.0),  # 5,000 tokens/s
-                      "topk-random__raw": cell(1e9, 1.0, resumed=True),  # a part time: not a rate
-                      "ra-random-points__raw": cell(1e6, None)}}  # saved by older code
-    # twice the atoms: twice the tokens at half the rate, 4 x (100 + 400) s
-    assert larger_dictionary_hours(grid, 2.0) == pytest.approx(2000 / 3600)
-    grid["cells"]["ra-random-points__centered"]["train_seconds"] = None
-    assert larger_dictionary_hours(grid, 2.0) is None  # no timed archetypal cell: no estimate
-
-
-def test_the_robustness_sentence_says_per_kind_of_comparison_which_variants_moved_it():
-    from readme import _robustness_sentence
-    row = lambda v, kind, holds: {"variant": v, "comparison": kind, "holds": holds,  # noqa: E731
-                                  "metric": "hungarian", "preprocessing": "centered",
-                                  "outcome": "archetypal closer by more than the margin"}
-    rob = {"variants": ["a", "b"], "rows": [row("profile", "matched start", True),
-                                            row("a", "against topk-random", False),
-                                            row("a", "matched start", True),
-                                            row("b", "against topk-random", True),
-                                            row("b", "matched start", True)]}
-    said = _robustness_sentence(rob)
-    assert said.startswith("on centered activations, against TopK from random starts the outcomes "
-                           "hold under 1 of 2 variants (b) and move under a (to closer); at a matched start the "
-                           "outcomes hold under 2 of 2 variants (a, b); not rendered yet: ")
-
-
-def test_the_tldr_reads_the_two_comparisons_together_only_when_each_is_unanimous():
+def test_every_claim_word_in_the_readme_is_one_of_the_three_statuses():
     from ablation import labels
-    from readme import _reading
-    row = lambda kind, c, ref, outcome: {"comparison": kind, "challenger": c, "reference": ref,  # noqa: E731
-                                         "outcome": outcome, "metric": "hungarian",
-                                         "preprocessing": "centered"}
-    end = lambda v: {"hungarian": {"mean": v}}  # noqa: E731
-    abl = {"falsification": [row("against topk-random", "ra-random-points", "topk-random", labels.EQUIVALENT),
-                             row("matched start", "ra-random-points", "topk-random-points", labels.CLOSER)],
-           "endpoint": {"topk-random__centered": end(0.38), "topk-random-points__centered": end(0.44)}}
-    assert "(`topk-random-points` 0.440 against `topk-random` 0.380)" in _reading(abl)
-    abl["falsification"][0]["outcome"] = labels.CLOSER
-    assert "beyond both baselines" in _reading(abl)
-    abl["falsification"][1]["outcome"] = labels.EQUIVALENT
-    assert "comes from the start, not the constraint" in _reading(abl)
-    abl["falsification"][1]["outcome"] = labels.UNDECIDED
-    assert _reading(abl) == ""  # not unanimous: the outcomes speak for themselves
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- claims:start -->", 1)[1].split("<!-- claims:end -->", 1)[0]
+    rows = [r for r in block.splitlines() if r.startswith("| ") and not r.startswith("| claim") and "---" not in r]
+    assert len(rows) == len(labels.CLAIMS)
+    cells = {c.strip() for r in rows for c in r.strip(" |").split(" | ")[2:]}
+    assert cells <= {*labels.STATUSES, "not rendered yet"}, cells
+    tldr = text.split("<!-- tldr:start -->", 1)[1].split("<!-- tldr:end -->", 1)[0]
+    assert set(re.findall(r"\*\*(supported|contradicted|not established|[a-z ]+ed)\*\*", tldr)) <= set(labels.STATUSES)
+    assert "FALSIFIED" not in text
 
 
-def test_reused_cells_add_the_training_seconds_they_recorded_and_count_those_that_did_not():
-    from readme import _reused_note
-    grid = {"cells": {"a__raw": {"reused": True, "train_seconds": 1200.4},
-                      "b__raw": {"reused": True, "train_seconds": None},  # saved by older code
-                      "c__raw": {"reused": False, "train_seconds": 50.0}}}
-    assert _reused_note("p", grid, ["a__raw", "b__raw"]) == (
-        "`p`: stage 02 reused 2 of 3 cells trained by earlier runs of the stage; their training took "
-        "1,200 s more (1 of them, saved by older code, did not record theirs).")
-    grid["cells"]["b__raw"]["train_seconds"] = 99.6
-    assert _reused_note("p", grid, ["a__raw", "b__raw"]).endswith("took 1,300 s more.")
-    assert _reused_note("p", grid, ["c__raw"]).endswith("took 50 s more.")
-    grid["cells"]["a__raw"]["train_seconds"] = grid["cells"]["b__raw"]["train_seconds"] = None
-    assert _reused_note("p", grid, ["a__raw", "b__raw"]).endswith(
-        "; saved by older code, they did not record their training time.")  # not "took 0 s more"
+def test_notebook_04_reads_as_a_story_in_at_most_120_lines_of_code():
+    cells = json.loads((ROOT / "notebooks" / "04_initialization_ablation.ipynb").read_text())["cells"]
+    code = [line for c in cells if c["cell_type"] == "code" and "parameters" not in c["metadata"].get("tags", [])
+            for line in "".join(c["source"]).splitlines() if line.strip()]
+    assert len(code) <= 120, len(code)
 
 
-def test_the_readme_names_each_flagged_cell_once_not_each_test_it_leaves_out():
-    from readme import load, results_markdown
-    abl = load("smollm2", "04")
-    if abl is None or not abl["tests_skipped"]:
-        pytest.skip("the committed smollm2 render leaves no test out")
-    said = results_markdown("smollm2", explain=False)
-    flagged = [k for k, reasons in abl["quality_gate"].items() if reasons]
-    sentence = next(line for line in said.splitlines() if line.startswith("The quality gate flags"))
-    assert all(f"`{key.split('__')[0]}` " in sentence for key in flagged)
-    assert f"the {len(abl['tests_skipped'])} tests that need one of them are left out" in said
-    assert "Legends as above." in said and "Legends as above." not in results_markdown("smollm2")
+def test_the_committed_records_were_made_by_this_code():
+    """A change to training or evaluation code invalidates every record: make it before a render,
+    and re-render (make report) before committing it."""
+    from ablation.grid import cell_code
+
+    stale = [str(p.relative_to(ROOT)) for p in sorted(ROOT.glob("report/*/cells/*.json"))
+             + sorted(ROOT.glob("report/*/robustness/*/cells/*.json"))
+             if json.loads(p.read_text())["key"]["code"] != cell_code()]
+    assert not stale, f"records made by other code than this checkout's ({cell_code()}): {stale[:5]}"
 
 
-def test_a_further_matched_start_is_explained_only_when_the_archetypal_cell_stayed_at_its_start():
-    from ablation import labels
-    from readme import _pinned
-    row = {"comparison": "matched start", "challenger": "ra-random-points", "reference": "topk-random-points",
-           "outcome": labels.FURTHER, "metric": "hungarian", "preprocessing": "centered"}
-    st = lambda step0, end: {"step0": step0, "end": end}  # noqa: E731
-    abl = {"falsification": [row], "equivalence_margin": 0.05,
-           "stabilization": {"ra-random-points__centered": st(0.370, 0.352),
-                             "topk-random-points__centered": st(0.370, 0.266)}}
-    grid = {"delta_over_median_norm": {"centered": 0.0131}}
-    assert _pinned(abl, grid) == (
-        " `ra-random-points` barely left its start (0.370 at step 0, 0.352 at the end; delta is 1.3% of "
-        "the candidates' median norm), while `topk-random-points` from the same points moved to 0.266: "
-        "here the constraint pins each run's atoms to its own points.")
-    abl["stabilization"]["ra-random-points__centered"] = st(0.284, 0.373)  # it moved: no such reading
-    assert _pinned(abl, grid) == ""
-    abl["stabilization"]["ra-random-points__centered"] = st(0.370, 0.352)
-    row["outcome"] = labels.CLOSER
-    assert _pinned(abl, grid) == ""
+def test_records_are_small_and_whole():
+    from ablation import records
+
+    for path in sorted(ROOT.glob("report/*/cells/*.json")):
+        assert path.stat().st_size <= 200_000, path
+        assert records.read_record(path) is not None, path
 
 
-def test_the_readme_tabulates_each_dictionary_size_for_the_cells_whose_runs_start_apart():
-    from readme import _sizes_markdown
-
-    row = lambda n, c, s0, e: {"n_latents": n, "cell": f"{c}__centered", "step0": s0, "end": e}  # noqa: E731
-    rows = [row(512, "topk-random", 0.746, 0.379), row(512, "ra-kmeans-shared", 0.0, 0.363),
-            row(1024, "topk-random", 0.702, 0.401), row(1024, "ra-kmeans-shared", 0.0, 0.371)]
-    table = _sizes_markdown({"dictionary_sizes": rows})
-    assert "| 512 | 0.746 -> 0.379 |" in table and "| 1,024 | 0.702 -> 0.401 |" in table
-    assert "ra-kmeans-shared" not in table and "(centered)" in table  # a shared start is 0 apart by design
-    assert _sizes_markdown({"dictionary_sizes": rows[:2]}) == ""  # one size: nothing to compare
-
-
-def test_flagged_cells_are_named_once_per_configuration_and_reason():
-    from readme import _flagged_cells
-    moving = {"converged": False, "slope": -0.02, "lo": -0.03, "hi": -0.01}
-    abl = {"quality_gate": {"topk-random__raw": ["not converged"], "topk-random__centered": ["not converged"],
-                            "ra-kmeans-shared__raw": ["held-out FVU 0.56 > 0.4 (of the data's variance)"]},
-           "convergence": {"topk-random__raw": moving, "topk-random__centered": moving,
-                           "ra-kmeans-shared__raw": {"converged": True}}}
-    assert _flagged_cells(abl, list(abl["quality_gate"])) == \
-        "`topk-random` raw and centered (still moving), `ra-kmeans-shared` raw (FVU 0.56 > 0.4)"
-
-
-def test_the_robustness_sentence_says_how_the_baseline_and_a_challenger_move_with_dictionary_size():
-    from readme import _size_clause
-    row = lambda n, c, e: {"n_latents": n, "cell": f"{c}__centered", "step0": 0.5, "end": e}  # noqa: E731
-    rows = [row(512, "topk-random", 0.379), row(512, "ra-kmeans-independent", 0.361),
-            row(2048, "topk-random", 0.45), row(2048, "ra-kmeans-independent", 0.30),
-            row(1024, "topk-random", 0.418), row(1024, "ra-kmeans-independent", 0.322)]
-    assert _size_clause({"dictionary_sizes": rows}) == (
-        "; from 512 to 2,048 atoms, `topk-random` runs end 0.379 -> 0.450 apart and "
-        "`ra-kmeans-independent` runs 0.361 -> 0.300")
-    assert _size_clause({"dictionary_sizes": rows[:2]}) == "" and _size_clause({}) == ""
-
-
-def test_the_readme_says_what_training_each_variants_own_cells_took():
-    from readme import _variant_seconds
-    cell = lambda s, resumed=False: {"train_seconds": s, "resumed": resumed}  # noqa: E731
-    rob = {"variants": ["dictionary x2", "delta x4"],
-           "cells": {"dictionary x2": {"topk-random__centered": cell(1179.4), "ra-kmeans-shared__centered": cell(434.0)},
-                     "delta x4": {"topk-random__centered": cell(9999.0), "ra-kmeans-shared__centered": cell(120.2, True)}},
-           "profile_cells": {"dictionary x2": [], "delta x4": ["topk-random"]}}  # not the variant's: not counted
-    assert _variant_seconds(rob) == ("Training each variant's own cells took here: dictionary x2 1,613 s, "
-                                     "delta x4 120 s (cells resumed from a checkpoint: 1; their earlier share "
-                                     "is not counted).")
-    rob["cells"]["delta x4"]["ra-kmeans-shared__centered"]["train_seconds"] = None  # saved by older code
-    assert _variant_seconds(rob) == ""
+def test_notebook_05_narrates_at_least_as_much_as_notebook_04():
+    words = {n: sum(len("".join(c["source"]).split()) for c in json.loads(
+        (ROOT / "notebooks" / f"{n}.ipynb").read_text())["cells"] if c["cell_type"] == "markdown")
+        for n in ("04_initialization_ablation", "05_robustness")}
+    assert words["05_robustness"] >= words["04_initialization_ablation"], words

@@ -36,8 +36,11 @@ def test_bootstrap_over_runs_brackets_the_mean_and_detects_a_difference():
 
 
 def test_stability_table_tells_shared_starts_from_stabilizing_ones():
-    shared = np.stack([pair_matrix(np.zeros(3)), pair_matrix(np.full(3, 0.05))])
-    falls = np.stack([pair_matrix(np.full(3, 0.3)), pair_matrix(np.full(3, 0.1))])
-    tab = stats.stability_table({("a", "raw"): {"hungarian": shared}, ("b", "raw"): {"hungarian": falls}}, 200, 0)
+    shared = np.stack([pair_matrix(np.zeros(3)), pair_matrix(np.full(3, 0.08))])
+    falls = np.stack([pair_matrix(np.full(3, 0.3)), pair_matrix(np.full(3, 0.4))])  # peaks, then falls
+    ends = {("a", "raw"): pair_matrix(np.full(3, 0.05)), ("b", "raw"): pair_matrix(np.full(3, 0.1))}
+    tab = stats.stability_table({("a", "raw"): {"hungarian": shared}, ("b", "raw"): {"hungarian": falls}},
+                                ends, 200, 0)
+    assert tab["b", "raw"]["peak"] == pytest.approx(0.8) and tab["b", "raw"]["end"] == pytest.approx(0.2)
     assert tab["a", "raw"]["shared_start"] and not tab["a", "raw"]["stabilizes"]
     assert tab["b", "raw"]["stabilizes"] and tab["b", "raw"]["end_minus_step0"] == pytest.approx(-0.4)

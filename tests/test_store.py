@@ -49,9 +49,9 @@ def test_results_round_trip_and_corruption_is_named_and_recomputed(tmp_path, cap
 
 def test_code_identity_follows_exactly_the_functions_used():
     train = store.code_sources(grid.train_cell)
-    assert {"SAETrainer", "make_sae", "kmeans_centroids", "sae_grads", "kernels.c", "convergence",
-            "pair_matrices"} <= set(train)
-    assert "fvu" not in train and "cell_trajectory" not in train
+    assert {"SAETrainer", "make_sae", "kmeans_centroids", "sae_grads", "kernels.c", "cooldown",
+            "pair_matrices", "TrainSettings"} <= set(train)
+    assert "fvu" not in train and "cell_trajectory" not in train and "write_record" not in train
     assert "train_cell" not in store.code_sources(stats.cell_trajectory)
     assert store.code_hash(grid.train_cell) != store.code_hash(stats.cell_trajectory)
 

@@ -7,7 +7,7 @@ import pytest
 
 from ablation import parameters, variants
 
-NAMES = ("n_latents", "n_candidates", "min_sae_tokens", "max_sae_tokens", "seeds", "delta",
+NAMES = ("n_latents", "n_candidates", "sae_budget", "n_budgets", "seeds", "delta_share", "delta",
          "converge_tolerance", "equivalence_margin", "lr_decay", "k", "n_fit_tokens", "sae_batch_size",
          "snapshots_per_doubling")
 
@@ -18,26 +18,27 @@ def default() -> dict:
 
 
 def test_every_kind_of_override_resolves_against_the_profile(default):
-    slowest = 12_345_678
-    assert parameters.resolve_variant(default, "delta x0.25", slowest)["delta"] == default["delta"] / 4
-    big = parameters.resolve_variant(default, "dictionary x4", slowest)
+    assert parameters.resolve_variant(default, "delta x0.25")["delta_share"] == default["delta_share"] / 4
+    assert parameters.resolve_variant(default, "delta x4")["delta"] is None  # the share carries it
+    authors = parameters.resolve_parameters({"profile": "authors", **dict.fromkeys(NAMES)})
+    assert parameters.resolve_variant(authors, "delta x4")["delta"] == pytest.approx(0.4)  # absolute, scaled
+    big = parameters.resolve_variant(default, "dictionary x4")
     assert big["n_latents"] == 4 * default["n_latents"] and big["n_candidates"] == 4 * default["n_candidates"]
-    assert big["min_sae_tokens"] == 4 * default["min_sae_tokens"]  # budgets scale with n_latents / k
+    assert big["sae_budget"] == 4 * default["sae_budget"]  # budgets scale with n_latents / k
     assert isinstance(big["n_latents"], int)
-    equal = parameters.resolve_variant(default, "equal budgets", slowest)
-    assert equal["min_sae_tokens"] == equal["max_sae_tokens"] == slowest
-    seeds = parameters.resolve_variant(default, "second seed set", slowest)["seeds"]
+    seeds = parameters.resolve_variant(default, "second seed set")["seeds"]
     assert len(seeds) == len(default["seeds"]) and min(seeds) > max(default["seeds"])
-    assert parameters.resolve_variant(default, "tolerance 0.01", slowest)["converge_tolerance"] == 0.01
-    assert default["delta"] == parameters.default("delta")  # the profile itself is untouched
+    assert parameters.resolve_variant(default, "no final decay") == default  # it trains nothing
+    assert variants.reading("no final decay") == "trunk" and variants.reading("delta x4") == "branch"
+    assert default["delta_share"] == parameters.default("delta_share")  # the profile itself is untouched
 
 
 def test_a_variant_that_breaks_a_rule_is_refused_naming_itself(default):
     small = {**default, "n_fit_tokens": 1500}  # 4 x 512 candidates cannot be drawn from 1,500 tokens
     with pytest.raises(ValueError, match=r"variant 'dictionary x4'.*n_candidates=2048 must be at most n_fit_tokens"):
-        parameters.resolve_variant(small, "dictionary x4", 10_000_000)
+        parameters.resolve_variant(small, "dictionary x4")
     with pytest.raises(ValueError, match="variants="):
-        parameters.check_parameters({"variants": ["tolerance 0.02"]})
+        parameters.check_parameters({"variants": ["tolerance 0.01"]})  # gone with the adaptive stop
 
 
 def test_forest_rows_mark_which_outcomes_held():
@@ -58,13 +59,6 @@ def test_forest_rows_compare_each_metric_with_its_own_outcome():
            {**base, "metric": "mean_min", "outcome": "archetypal closer by more than the margin"}]
     rows = variants.forest_rows("profile", ref, ref)
     assert [r["committed_outcome"] for r in rows] == [r["outcome"] for r in ref] and all(r["holds"] for r in rows)
-
-
-def test_only_a_setting_an_architecture_reads_retrains_its_cells():
-    assert not variants.retrains("topk-random", {"delta": 4.0})  # a TopK SAE has no delta
-    assert variants.retrains("ra-kmeans-shared", {"delta": 4.0})
-    assert variants.retrains("topk-random", {"delta": 4.0, "seeds": [8, 9]})
-    assert not variants.retrains("ra-random-points", {})
 
 
 def test_dictionary_sizes_lists_the_profile_then_each_larger_dictionary_by_atoms():
