@@ -1,6 +1,7 @@
 """The teach profile's exercises: run them, keep what each found, and write TEACHING.md.
 
     python teaching.py run [NAME ...]   # run exercises (all by default); report/teach/exercises/NAME.json
+    python teaching.py student          # time a student's path: notebook 02 run unedited, as make lab runs it
     python teaching.py                  # (make TEACHING.md) fill templates/TEACHING.md.j2
 
 Each exercise is one line a student types, the question it answers, and the numbers it reads from
@@ -84,6 +85,24 @@ def run(names: list[str]) -> None:
         print(f"{name}: {seconds:.0f} s", flush=True)
 
 
+def student() -> None:
+    """Time notebook 02 run unedited as JupyterLab runs it after `make lab` (from notebooks/, the
+    profile from REPORT_PROFILE=teach), and keep what it did: report/teach/student_path.json."""
+    import os
+
+    started = time.perf_counter()
+    subprocess.run([str(ROOT / ".venv" / "bin" / "papermill"), "02_train_saes.ipynb", "/dev/null", "--cwd", ".",
+                    "--no-progress-bar", "--log-level", "ERROR"], cwd=ROOT / "notebooks", check=True,
+                   env={**os.environ, "REPORT_PROFILE": "teach"})
+    seconds = time.perf_counter() - started
+    grid = json.loads((ROOT / "runs" / "teach" / "02_train_saes.json").read_text())
+    reused = sum(c["reused"] for c in grid["cells"].values())
+    (OUT.parent / "student_path.json").write_text(json.dumps(
+        {"notebook": "02_train_saes.ipynb", "seconds": round(seconds, 1), "cells": len(grid["cells"]),
+         "reused": reused}, indent=2, sort_keys=True) + "\n")
+    print(f"notebook 02 unedited: {seconds:.1f} s, {reused} of {len(grid['cells'])} cells from their records")
+
+
 def render() -> str:
     """TEACHING.md's text: the template filled from the exercises' JSON and the teach profile's."""
     from readme import load, short, tokens
@@ -94,12 +113,16 @@ def render() -> str:
     done = {p.stem: json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))}
     exercises = [{"name": n, "question": q, "line": line, **done.get(n, {})}
                  for n, (q, line, _, _) in EXERCISES.items()]
-    return env.get_template("TEACHING.md.j2").render(exercises=exercises, abl=load("teach", "04"),
-                                                     gal=load("teach", "03"), grid=load("teach", "02"))
+    path = OUT.parent / "student_path.json"
+    return env.get_template("TEACHING.md.j2").render(
+        exercises=exercises, abl=load("teach", "04"), gal=load("teach", "03"), grid=load("teach", "02"),
+        student=json.loads(path.read_text()) if path.is_file() else None)
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["run"]:
         run(sys.argv[2:])
+    elif sys.argv[1:2] == ["student"]:
+        student()
     else:
         (ROOT / "TEACHING.md").write_text(render())

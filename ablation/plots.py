@@ -68,16 +68,25 @@ LEGEND_HOLLOW = "hollow: on the trunk (no cooldown)"
 LEGEND_FLAGGED = "x: a cell flagged by the quality gate"
 
 
-def _marker_legend(ax, flagged: bool, hollow: str = LEGEND_HOLLOW, loc: str = "upper left") -> None:
-    """A second legend that says what every marker means."""
+def _marker_legend(ax, flagged: bool, trunk_line: bool = False) -> None:
+    """A second legend, outside the panel at its lower right, that says what every marker means
+    (``trunk_line``: the trunk is drawn as a line, not as hollow markers)."""
     import matplotlib.pyplot as plt
 
-    items = [(plt.Line2D([], [], color="0.3", marker="o", ls=""), LEGEND_FILLED),
-             (plt.Line2D([], [], color="0.3", marker="o", mfc="white", ls=""), hollow)]
+    trunk = (plt.Line2D([], [], color="0.3", ls="-"), "lines: the trunk (no cooldown)") if trunk_line else \
+        (plt.Line2D([], [], color="0.3", marker="o", mfc="white", ls=""), LEGEND_HOLLOW)
+    items = [(plt.Line2D([], [], color="0.3", marker="o", ls=""), LEGEND_FILLED), trunk]
     if flagged:
         items.append((plt.Line2D([], [], color="0.3", marker="x", ms=9, ls=""), LEGEND_FLAGGED))
-    leg = ax.legend(*zip(*items), fontsize=7, loc=loc, framealpha=0.9)
-    ax.add_artist(leg)
+    from matplotlib.legend import Legend
+
+    ax.add_artist(Legend(ax, *zip(*items), fontsize=7, loc="lower left", bbox_to_anchor=(1.02, 0.0),
+                         framealpha=0.9))  # beside the axes' own legend, not in its place
+
+
+def _budget_label(t: float) -> str:
+    """A budget as a tick label: '0.2 M', '16 M', '12.8 k'."""
+    return f"{t / 1e6:.2g} M" if t >= 1e5 else f"{t / 1e3:.3g} k"
 
 
 def plot_trajectories(curves, ends, chance: dict, metric: str, preprocessing: Sequence[str],
@@ -117,9 +126,9 @@ def plot_trajectories(curves, ends, chance: dict, metric: str, preprocessing: Se
                ylabel=label + "\n(lower: runs agree more)")
     fig.suptitle(model)
     handles, labels = axes[0][-1].get_legend_handles_labels()
-    axes[0][-1].legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    axes[0][-1].legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     if metric == "hungarian":
-        _marker_legend(axes[0][0], bool(flagged), hollow="lines: the trunk, no cooldown", loc="upper right")
+        _marker_legend(axes[0][-1], bool(flagged), trunk_line=True)
     return fig
 
 
@@ -160,14 +169,15 @@ def plot_verdict_over_budgets(rows, preprocessing: Sequence[str], margin: float,
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set(title=f"{kind}, {prep} activations",
                    ylabel="Hungarian distance:\narchetypal minus reference\n(below 0: archetypal closer)")
-            if len(sub):
-                ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-        _marker_legend(row_ax[0], bool(flagged), loc="lower left")
+        handles, labels = row_ax[-1].get_legend_handles_labels()
+        if handles:
+            row_ax[-1].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        _marker_legend(row_ax[-1], bool(flagged))
     for ax in axes[-1]:
         ax.set_xlabel("token budget")
         ticks = sorted(rows.tokens.unique()) if len(rows) else []
         ax.set_xticks(ticks)
-        ax.set_xticklabels([f"{t / 1e6:g} M" if t >= 1e6 else f"{t / 1e3:g} k" for t in ticks], fontsize=8)
+        ax.set_xticklabels([_budget_label(t) for t in ticks], fontsize=8)
     fig.suptitle(model)
     return fig
 
