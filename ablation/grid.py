@@ -20,6 +20,7 @@ from .configs import CONFIGURATIONS
 from .evaluation import evaluate_runs
 from .memory import trim_heap_every
 from .metrics import pair_matrices
+from .parameters import resolve_device
 from .records import find_record, made_by, record_lock, record_path, triangle, write_record
 from .sae import RelaxedArchetypalSAE, TopKSAE, match_start_scale_
 from .schedule import budget_steps, cooldown, plan, trunk_snapshots
@@ -326,7 +327,7 @@ def _train_and_record(job: CellJob) -> dict:
                 job.key)
     payload = cell_payload(out, x_fit)
     made = made_by({"train": trained - spent[0], "evaluate": spent[0],
-                    "record": time.perf_counter() - started - trained}, str(job.settings.device))
+                    "record": time.perf_counter() - started - trained}, str(resolve_device(job.settings.device)))
     made["resumed"] = resumed
     record = write_record(record_path(job.records[0], job.name, job.prep), job.key, payload, made)
     ckpt.unlink(missing_ok=True)

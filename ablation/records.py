@@ -19,13 +19,12 @@ import platform
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import ContextManager, Sequence
 
 import numpy as np
 
-from .store import temp_path
+from .store import cell_lock, temp_path
 
 DIGITS = 6  # decimals a record keeps
 
@@ -158,18 +157,9 @@ def find_record(folders: Sequence[str | os.PathLike], name: str, prep: str,
     return None, None
 
 
-@contextmanager
-def record_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock for one record while the block runs (a hidden .lock file beside it):
-    two renders never train or write the same record at once; the second waits, then finds it."""
-    import fcntl
-
+def record_lock(path: str | os.PathLike) -> ContextManager[None]:
+    """An exclusive lock for one record while a block runs (``store.cell_lock`` on a hidden
+    .<name>.lock beside it): two renders never train or write the same record at once; the
+    second waits, then finds it."""
     path = Path(path)
-    lock = path.with_name(f".{path.name}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return cell_lock(path.with_name(f".{path.name}"))

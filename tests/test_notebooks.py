@@ -128,7 +128,7 @@ def test_02_records_every_cell_at_every_budget_and_keeps_the_weights_in_the_run_
     assert p["trunk"]["hungarian"][0] == [0.0, 0.0, 0.0]  # a shared start: identical at step 0
     for part in ("branch_at_budget", "trunk_at_budget"):
         assert len(p[part]) == 3 and set(p[part][-1]["pairs"]) == set(evaluation.PAIR_METRICS)
-    assert p["delta"] == pytest.approx(res["delta"]["centered"])  # a share of the candidates' norm
+    assert p["delta"] == pytest.approx(res["delta"]["centered"], abs=1e-6)  # a share of the candidates' norm
     assert res["delta_over_median_norm"]["centered"] == pytest.approx(0.1)
     assert max(f.stat().st_size for f in cells.glob("*.json")) < 200_000
     saved = store.load_result(grid.cell_file(smoke, "ra-kmeans-shared", "centered"), {})
@@ -307,15 +307,17 @@ def test_the_authors_protocol_runs_on_the_smoke_model(run_copy):
     authors = report.load_profile("authors")
     protocol = {k: authors[k] for k in ("configurations", "match_start_scale", "center_encoder",
                                         "pre_bias", "lr_decay", "dead_penalty", "clip_grad", "delta")}
-    trained = run_stage("02_train_saes", run_copy, **protocol, n_latents=32, n_candidates=16, k=2,
-                        train_tokens=1000, n_fit_tokens=1000, sae_budget=12800, n_budgets=2)
+    sizes = dict(n_latents=32, n_candidates=16, k=2, train_tokens=1000, n_fit_tokens=1000, sae_budget=12800,
+                 n_budgets=2)
+    trained = run_stage("02_train_saes", run_copy, **protocol, **sizes)
     assert trained["n_training_tokens"] == 1000 and len(trained["cells"]) == 8
     assert trained["delta"] == {"raw": 0.1, "centered": 0.1}  # absolute, as the authors set it
     saved = lambda n: store.load_result(grid.cell_file(run_copy, n, "raw"), {})  # noqa: E731
     cell = saved("ra-kmeans-shared")
     meta = {**cell["meta"]["settings"], "delta": cell["delta"]}
     state = cell["states"]["branch"][0]
-    assert (state["W"][:, :16].diagonal() >= 0).all() and (state["W"][16:] == 0).all()  # W = eye(32, 16)
+    sums = state["W"].sum(1)
+    assert (state["W"] >= 0).all() and torch.allclose(sums[sums > 0], torch.ones(1), atol=1e-4)  # the simplex
     assert "b_pre" not in dict(grid.sae_from_state(state, meta).named_parameters())
     for name in ("topk-kmeans-shared-free", "ra-projection-off-free"):  # free rows from W C
         free = saved(name)
@@ -325,7 +327,9 @@ def test_the_authors_protocol_runs_on_the_smoke_model(run_copy):
         atoms = free["dictionaries"]["branch"][-1]
         assert atoms[:, 16:].norm(dim=-1).max() > 0  # the zero atoms grew
         assert not torch.allclose(atoms.norm(dim=-1), torch.tensor(1.0))
-    abl = run_stage("04_initialization_ablation", run_copy, configurations=protocol["configurations"], n_boot=100)
+    with pytest.raises(pm.PapermillExecutionError, match="no record made for these parameters"):
+        run_stage("04_initialization_ablation", run_copy, configurations=protocol["configurations"])
+    abl = run_stage("04_initialization_ablation", run_copy, **protocol, **sizes, n_boot=100)  # the records 02 made
     assert len(abl["authors_table"]) == 8 and all(np.isfinite(r["mean"]) for r in abl["authors_table"])
     assert {v["comparison"] for v in abl["verdict_over_budgets"]} == {"original protocol"}
 
