@@ -47,16 +47,22 @@ def plot_schedule(budgets: Sequence[int], lr: float, lr_decay: float):
 
     from .schedule import learning_rates
 
+    from matplotlib.ticker import NullFormatter
+
     fig, ax = plt.subplots(figsize=(7, 3.2))
     for i, (tokens, rates) in enumerate(learning_rates(list(budgets), lr, lr_decay)):
+        tokens = [max(t, budgets[0] / 4) for t in tokens]  # the trunk from step 0, on a log axis
         ax.plot(tokens, rates, color="0.2" if i == 0 else "C0", lw=2.2 if i == 0 else 1.4,
                 label="trunk (no decay)" if i == 0 else ("cooldown branches" if i == 1 else None))
         if i:
             ax.plot(tokens[-1:], [0], marker="o", color="C0", ms=5)
     ax.set_xscale("log")
-    ax.set(xlabel="tokens seen", ylabel="learning rate", ylim=(-0.05 * lr, 1.15 * lr),
+    ax.set_xticks(list(budgets))
+    ax.set_xticklabels([_budget_label(b) for b in budgets])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set(xlabel="token budget", ylabel="learning rate", ylim=(-0.05 * lr, 1.15 * lr),
            title=f"{len(budgets)} budgets from one run; dot: the cell at that budget")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="center left")
     return fig
 
 
