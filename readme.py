@@ -127,6 +127,29 @@ def robustness() -> dict | None:
     return rob if rob and "over_budgets" in rob else None
 
 
+def variant_costs(profile: str = "default") -> list[dict]:
+    """What each robustness variant would train, and its hours at the profile's own recorded
+    rate (the mean training seconds of its recorded cells of each architecture); a larger
+    dictionary trains the same cells on more tokens, each dearer, so its hours are a lower bound."""
+    from ablation.variants import DECISIVE, VARIANTS
+
+    seconds = {"topk": [], "ra": []}
+    for path in sorted((ROOT / "report" / profile / "cells").glob("*.json")):
+        record = json.loads(path.read_text())
+        seconds[CONFIGURATIONS[record["key"]["configuration"]][0]].append(record["made"]["seconds"]["train"])
+    if not all(seconds.values()):
+        return []
+    mean = {a: sum(v) / len(v) for a, v in seconds.items()}
+    out = []
+    for name, over in VARIANTS.items():
+        trains = [c for c in DECISIVE if "reading" not in over and
+                  not (CONFIGURATIONS[c][0] == "topk" and set(over) <= {"delta", "delta_share"})]
+        factor = over["sae_budget"].factor if "sae_budget" in over else 1
+        hours = sum(mean[CONFIGURATIONS[c][0]] for c in trains) * 2 * factor / 3600  # raw and centered
+        out.append({"variant": name, "cells": 2 * len(trains), "hours": hours, "lower_bound": factor > 1})
+    return out
+
+
 def context() -> dict:
     """What templates/README.md.j2 reads."""
     profiles = {p: profile_context(p) if on_protocol(p) else {"name": p, "label": label, "recorded": recorded(p)}
@@ -135,7 +158,7 @@ def context() -> dict:
     study = ROOT / "report" / "precision_study.json"
     return {"note": NOTE, "profiles": profiles, "authors": authors, "authors_labels": AUTHORS_PROFILES,
             "claims": labels.CLAIMS, "statuses": labels.STATUSES, "teach": profile_context(TEACH) if on_protocol(TEACH) else None,
-            "robustness": robustness(), "times": times(), "stages": STAGES,
+            "robustness": robustness(), "costs": variant_costs(), "times": times(), "stages": STAGES,
             "study": json.loads(study.read_text()) if study.is_file() else None,
             "authors_conditions": labels.AUTHORS_CONDITIONS, "authors_rules": labels.AUTHORS_RULES}
 
