@@ -119,18 +119,19 @@ def resolve(profile: str, overrides: dict, notebook: Path | None = None) -> dict
 
 
 def seed_from(parent: Path, child: Path) -> None:
-    """Give a new override run folder links to the profile's model, caches, cells and metrics.
+    """Give a new override run folder links to the profile's model, caches and shared starts.
 
     Files are linked one by one inside real folders; a stage that recomputes one writes a new
     file over the link (every write goes through a temporary name and a rename), never into the
-    profile's copy. Stage JSON, figures, report pages and the lock are not linked.
+    profile's copy. Stage JSON, figures, report pages, locks and checkpoints (a render in
+    progress of the profile's own) are not linked.
     """
     if child.exists() or not parent.is_dir():
         return
     for src in parent.rglob("*"):
         rel = src.relative_to(parent)
-        if src.is_dir() or rel.parts[0] in ("figures", "report") or rel.name == ".lock" or \
-                (len(rel.parts) == 1 and STAGE_JSON.match(rel.name)):
+        if src.is_dir() or rel.parts[0] in ("figures", "report") or rel.name.endswith(".lock") or \
+                rel.suffix == ".ckpt" or (len(rel.parts) == 1 and STAGE_JSON.match(rel.name)):
             continue
         (child / rel).parent.mkdir(parents=True, exist_ok=True)
         os.symlink(src.resolve(), child / rel)
